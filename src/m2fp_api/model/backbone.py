@@ -1,0 +1,116 @@
+"""DeepLab-stem ResNet (three 3x3 stem convolutions), as used by M2FP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BackboneConfig
+from .layers import ConvNorm, make_norm
+
+BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+STAGE_INDEX = {"res2": 2, "res3": 3, "res4": 4, "res5": 5}
+
+
+class Bottleneck(nn.Module):
+    def __init__(
+        self, in_channels: int, out_channels: int, *, bottleneck_channels: int, stride: int,
+        num_groups: int, norm: str, stride_in_1x1: bool, dilation: int,
+    ) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.stride = stride
+        self.shortcut = (
+            ConvNorm(in_channels, out_channels, kernel_size=1, stride=stride, bias=False,
+                     norm=make_norm(norm, out_channels))
+            if in_channels != out_channels else None
+        )
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = ConvNorm(in_channels, bottleneck_channels, kernel_size=1, stride=stride_1x1,
+                              bias=False, norm=make_norm(norm, bottleneck_channels))
+        self.conv2 = ConvNorm(bottleneck_channels, bottleneck_channels, kernel_size=3,
+                              stride=stride_3x3, padding=dilation, dilation=dilation,
+                              groups=num_groups, bias=False,
+                              norm=make_norm(norm, bottleneck_channels))
+        self.conv3 = ConvNorm(bottleneck_channels, out_channels, kernel_size=1, bias=False,
+                              norm=make_norm(norm, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu_(self.conv1(x))
+        out = F.relu_(self.conv2(out))
+        out = self.conv3(out)
+        out += x if self.shortcut is None else self.shortcut(x)
+        return F.relu_(out)
+
+
+class DeepLabStem(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__()
+        half = out_channels // 2
+        self.out_channels = out_channels
+        self.conv1 = ConvNorm(in_channels, half, kernel_size=3, stride=2, padding=1, bias=False,
+                              norm=make_norm(norm, half))
+        self.conv2 = ConvNorm(half, half, kernel_size=3, padding=1, bias=False,
+                              norm=make_norm(norm, half))
+        self.conv3 = ConvNorm(half, out_channels, kernel_size=3, padding=1, bias=False,
+                              norm=make_norm(norm, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu_(self.conv1(x))
+        x = F.relu_(self.conv2(x))
+        x = F.relu_(self.conv3(x))
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+
+
+class DeepLabResNet(nn.Module):
+    """Returns a dict of the requested stage outputs (`res2`..`res5`)."""
+
+    def __init__(self, cfg: BackboneConfig, in_channels: int = 3) -> None:
+        super().__init__()
+        if cfg.depth not in BLOCKS_PER_STAGE:
+            raise ValueError(f"unsupported ResNet depth {cfg.depth}")
+        if cfg.res4_dilation not in (1, 2) or cfg.res5_dilation not in (1, 2, 4):
+            raise ValueError("res4_dilation must be 1 or 2 and res5_dilation 1, 2 or 4")
+        self.stem = DeepLabStem(in_channels, cfg.stem_out_channels, cfg.norm)
+        self.out_features = cfg.out_features
+        self.channels: dict[str, int] = {}
+        self.strides: dict[str, int] = {}
+
+        blocks_per_stage = BLOCKS_PER_STAGE[cfg.depth]
+        last_stage = max(STAGE_INDEX[f] for f in cfg.out_features)
+        in_ch, out_ch = cfg.stem_out_channels, cfg.res2_out_channels
+        bottleneck = cfg.num_groups * cfg.width_per_group
+        stride = 4  # the stem's
+        self.stage_names: list[str] = []
+        for idx, stage_index in enumerate(range(2, last_stage + 1)):
+            dilation = {4: cfg.res4_dilation, 5: cfg.res5_dilation}.get(stage_index, 1)
+            n_blocks = blocks_per_stage[idx]
+            first_stride = 1 if idx == 0 or dilation > 1 else 2
+            if stage_index == 5:
+                dilations = [dilation * g for g in cfg.res5_multi_grid]
+            else:
+                dilations = [dilation] * n_blocks
+            blocks = []
+            for b in range(n_blocks):
+                blocks.append(Bottleneck(
+                    in_ch if b == 0 else out_ch, out_ch, bottleneck_channels=bottleneck,
+                    stride=first_stride if b == 0 else 1, num_groups=cfg.num_groups,
+                    norm=cfg.norm, stride_in_1x1=cfg.stride_in_1x1, dilation=dilations[b],
+                ))
+            name = f"res{stage_index}"
+            self.add_module(name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+            stride *= first_stride
+            self.strides[name] = stride
+            self.channels[name] = out_ch
+            in_ch, out_ch, bottleneck = out_ch, out_ch * 2, bottleneck * 2
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.stem(x)
+        outputs = {}
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            if name in self.out_features:
+                outputs[name] = x
+        return outputs

@@ -1,0 +1,90 @@
+"""Small building blocks shared by the backbone, pixel decoder and transformer decoder."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvNorm(nn.Conv2d):
+    """A convolution with an optional norm and activation applied after it.
+
+    The norm is a child module named `norm`, which is what gives the hub checkpoints
+    their key layout (`conv1.weight`, `conv1.norm.running_mean`, ...).
+    """
+
+    def __init__(
+        self,
+        *args,
+        norm: nn.Module | None = None,
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.norm = norm
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """Norm layer by its configuration name. SyncBN behaves as BN at inference."""
+    if kind in ("BN", "SyncBN", "nnSyncBN"):
+        return nn.BatchNorm2d(channels)
+    if kind == "GN":
+        return nn.GroupNorm(32, channels)
+    raise ValueError(f"unsupported norm {kind!r}")
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (not after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                x = F.relu(x)
+        return x
+
+
+def sine_position_embedding(
+    batch: int, height: int, width: int, num_feats: int, *, device: torch.device,
+    temperature: float = 10000.0,
+) -> torch.Tensor:
+    """DETR's normalised sine embedding for an unmasked (B, *, H, W) map -> (B, 2F, H, W).
+
+    Written to produce the same float32 values as the reference (cumsum of ones, then
+    normalised by the last value + 1e-6 and scaled by 2*pi), since the decoder's outputs
+    are compared against ModelScope's to 1e-3.
+    """
+    ones = torch.ones((batch, height, width), dtype=torch.float32, device=device)
+    y_embed = ones.cumsum(1, dtype=torch.float32)
+    x_embed = ones.cumsum(2, dtype=torch.float32)
+    eps, scale = 1e-6, 2 * math.pi
+    y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
+    x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    pos_x = x_embed[:, :, :, None] / dim_t
+    pos_y = y_embed[:, :, :, None] / dim_t
+    pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)

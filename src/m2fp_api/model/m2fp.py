@@ -1,0 +1,64 @@
+"""The M2FP network: backbone -> pixel decoder -> masked-attention decoder.
+
+Module names mirror ModelScope's `M2FP` so that hub state dicts load with
+`strict=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import DeepLabResNet
+from .config import M2FPConfig
+from .pixel_decoder import MSDeformAttnPixelDecoder
+from .transformer_decoder import MaskedTransformerDecoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+SIZE_DIVISIBILITY = 32
+
+
+@dataclass
+class NetworkOutput:
+    pred_logits: torch.Tensor  # (B, Q, C+1)
+    pred_masks: torch.Tensor  # (B, Q, Hp/4, Wp/4)
+    padded_size: tuple[int, int]  # (Hp, Wp): the input padded to a multiple of 32
+
+
+class Head(nn.Module):
+    """`sem_seg_head` in the checkpoint."""
+
+    def __init__(self, cfg: M2FPConfig, channels: dict[str, int], strides: dict[str, int]) -> None:
+        super().__init__()
+        self.pixel_decoder = MSDeformAttnPixelDecoder(cfg.pixel_decoder, channels, strides)
+        self.predictor = MaskedTransformerDecoder(cfg.decoder, cfg.pixel_decoder.conv_dim)
+
+    def forward(self, features: dict[str, torch.Tensor]):
+        mask_features, multi_scale = self.pixel_decoder(features)
+        return self.predictor(multi_scale, mask_features)
+
+
+class M2FP(nn.Module):
+    def __init__(self, cfg: M2FPConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.backbone = DeepLabResNet(cfg.backbone)
+        self.sem_seg_head = Head(cfg, self.backbone.channels, self.backbone.strides)
+        # not in the checkpoint (ModelScope registers them non-persistent too)
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> NetworkOutput:
+        """images: (B, 3, H, W) RGB in 0..255, all the same size."""
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        ph = -(-h // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+        pw = -(-w // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+        # pad bottom/right with zeros after normalisation, as detectron2's ImageList does
+        x = F.pad(x, (0, pw - w, 0, ph - h), value=0.0)
+        logits, masks = self.sem_seg_head(self.backbone(x))
+        return NetworkOutput(pred_logits=logits, pred_masks=masks, padded_size=(ph, pw))

@@ -1,0 +1,125 @@
+"""Mask2Former's MSDeformAttn pixel decoder: a deformable-attention encoder over the
+coarse backbone levels plus a light FPN up to the mask-feature stride."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PixelDecoderConfig
+from .deform_attn import MSDeformAttn
+from .layers import ConvNorm, sine_position_embedding
+
+# the transformer decoder always reads three scales
+NUM_DECODER_LEVELS = 3
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes):
+        src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, layer_args: dict, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(**layer_args) for _ in range(num_layers))
+
+
+class DeformableEncoder(nn.Module):
+    """`transformer` in the checkpoint: level embeddings plus the encoder layers."""
+
+    def __init__(self, d_model: int, nhead: int, num_layers: int, d_ffn: int, n_levels: int,
+                 n_points: int) -> None:
+        super().__init__()
+        self.encoder = Encoder(dict(d_model=d_model, d_ffn=d_ffn, n_levels=n_levels,
+                                    n_heads=nhead, n_points=n_points), num_layers)
+        self.level_embed = nn.Parameter(torch.zeros(n_levels, d_model))
+
+    @staticmethod
+    def reference_points(spatial_shapes, n_levels, device) -> torch.Tensor:
+        """Pixel centres of every level in [0, 1], repeated for each level: (1, S, L, 2)."""
+        refs = []
+        for h, w in spatial_shapes:
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
+                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                indexing="ij",
+            )
+            refs.append(torch.stack((ref_x.reshape(-1) / w, ref_y.reshape(-1) / h), -1))
+        return torch.cat(refs, 0)[None, :, None, :].expand(1, -1, n_levels, 2)
+
+    def forward(self, srcs: list[torch.Tensor], pos_embeds: list[torch.Tensor]):
+        spatial_shapes = [(s.shape[2], s.shape[3]) for s in srcs]
+        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+        pos_flat = torch.cat(
+            [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+             for lvl, p in enumerate(pos_embeds)], 1)
+        refs = self.reference_points(spatial_shapes, len(srcs), src_flat.device)
+        out = src_flat
+        for layer in self.encoder.layers:
+            out = layer(out, pos_flat, refs, spatial_shapes)
+        return out, spatial_shapes
+
+
+class MSDeformAttnPixelDecoder(nn.Module):
+    def __init__(self, cfg: PixelDecoderConfig, channels: dict[str, int], strides: dict[str, int]) -> None:
+        super().__init__()
+        conv_dim = self.conv_dim = cfg.conv_dim
+        # backbone levels from high to low resolution (res2 .. res5)
+        self.in_features = sorted(cfg.in_features, key=lambda f: strides[f])
+        self.transformer_in_features = sorted(cfg.transformer_in_features, key=lambda f: strides[f])
+        # projections run from low to high resolution (res5 first)
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels[f], conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim))
+            for f in reversed(self.transformer_in_features)
+        )
+        self.transformer = DeformableEncoder(
+            d_model=conv_dim, nhead=cfg.nheads, num_layers=cfg.enc_layers,
+            d_ffn=cfg.dim_feedforward, n_levels=len(self.transformer_in_features),
+            n_points=cfg.n_points)
+        self.mask_features = ConvNorm(conv_dim, cfg.mask_dim, kernel_size=1)
+        finest = min(strides[f] for f in self.transformer_in_features)
+        self.num_fpn_levels = int(math.log2(finest) - math.log2(cfg.common_stride))
+        self.fpn_features = self.in_features[: self.num_fpn_levels]
+        for idx, f in enumerate(self.fpn_features):
+            self.add_module(f"adapter_{idx + 1}", ConvNorm(
+                channels[f], conv_dim, kernel_size=1, bias=False, norm=nn.GroupNorm(32, conv_dim)))
+            self.add_module(f"layer_{idx + 1}", ConvNorm(
+                conv_dim, conv_dim, kernel_size=3, padding=1, bias=False,
+                norm=nn.GroupNorm(32, conv_dim), activation=F.relu))
+
+    def forward(self, features: dict[str, torch.Tensor]):
+        """Returns (mask_features at the finest stride, [3 scales for the decoder])."""
+        srcs, pos = [], []
+        for proj, f in zip(self.input_proj, reversed(self.transformer_in_features)):
+            x = features[f].float()
+            srcs.append(proj(x))
+            pos.append(sine_position_embedding(x.shape[0], x.shape[2], x.shape[3],
+                                               self.conv_dim // 2,
+                                               device=x.device))
+        memory, shapes = self.transformer(srcs, pos)
+        batch = memory.shape[0]
+        outs = [
+            level.transpose(1, 2).reshape(batch, -1, h, w)
+            for level, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)
+        ]
+        # FPN levels from low to high resolution
+        for idx in reversed(range(self.num_fpn_levels)):
+            x = features[self.fpn_features[idx]].float()
+            lateral = getattr(self, f"adapter_{idx + 1}")(x)
+            y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear",
+                                        align_corners=False)
+            outs.append(getattr(self, f"layer_{idx + 1}")(y))
+        return self.mask_features(outs[-1]), outs[:NUM_DECODER_LEVELS]
