@@ -1,0 +1,235 @@
+"""Network output -> ParseResult, with ModelScope's numbers but bounded memory.
+
+ModelScope upsamples all 100 query masks to the photo's full resolution at once (and
+keeps float64 copies), which is what pushes its pipeline past 6 GB at 1080p. Here
+queries are upsampled a few at a time within a byte budget, only queries that can
+still reach an output threshold are upsampled at all, and masks are kept cropped to
+their bounding boxes. The arithmetic per pixel is the same as the reference's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.config import M2FPConfig
+from ..model.m2fp import NetworkOutput
+from .preprocess import NetworkInput
+from .result import Mask, ParseResult, Part, Person
+
+# ModelScope keeps the 100 best (query, class) pairs per image
+TOP_K = 100
+# parts are reported from this score up, persons above it (ModelScope's thresholds)
+MIN_OUTPUT_SCORE = 0.1
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def _upsample(mask_logits: torch.Tensor, padded: tuple[int, int], inp: NetworkInput) -> torch.Tensor:
+    """(n, h/4, w/4) mask logits -> (n, H, W) at the photo's size, as the reference does:
+    to the padded input size, crop the padding (and the single-human crop box), then to
+    the photo size, bilinear without corner alignment both times."""
+    m = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=False)[0]
+    ih, iw = inp.input_size
+    m = m[:, :ih, :iw]
+    if inp.crop_box is not None:
+        x0, y0, x1, y1 = inp.crop_box
+        m = m[:, y0:y1, x0:x1]
+    return F.interpolate(m[None], size=inp.output_size, mode="bilinear", align_corners=False)[0]
+
+
+def _chunk_size(output_size: tuple[int, int], chunk_bytes: int) -> int:
+    h, w = output_size
+    return max(1, chunk_bytes // (4 * h * w))
+
+
+def _crop_box(positive: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) of the True pixels of a (H, W) mask, or None when empty."""
+    rows = torch.nonzero(positive.any(1)).flatten()
+    if rows.numel() == 0:
+        return None
+    cols = torch.nonzero(positive.any(0)).flatten()
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+@dataclass
+class _Entry:
+    """One of the top-k (query, class) pairs."""
+
+    query: int
+    label: int
+    class_score: float
+    score: float = 0.0  # class score x mask score, once the mask is known
+
+
+@dataclass
+class _QueryMask:
+    mask: Mask
+    logits: torch.Tensor | None  # full-resolution logits in the mask's box, kept for pasting
+
+
+def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ParseResult:
+    """Instance parsing: part and person instances, and M2FP's semantic map."""
+    logits, mask_logits = out.pred_logits[0].float(), out.pred_masks[0].float()
+    num_classes = logits.shape[-1] - 1
+    human = cfg.num_parsing
+    paste_thr = cfg.parsing_ins_score_thr
+    class_scores = logits.softmax(-1)[:, :-1].flatten()
+    top_scores, top_index = class_scores.topk(min(TOP_K, class_scores.numel()))
+    # A final score is the class score times a mask score below 1, so a pair whose class
+    # score is under every threshold can never be reported: skip its upsampling.
+    entries = [
+        _Entry(query=i // num_classes, label=i % num_classes, class_score=s)
+        for s, i in zip(top_scores.tolist(), top_index.tolist()) if s >= MIN_OUTPUT_SCORE
+    ]
+    by_query: dict[int, list[_Entry]] = {}
+    for e in entries:
+        by_query.setdefault(e.query, []).append(e)
+
+    height, width = inp.output_size
+    queries = sorted(by_query)
+    step = _chunk_size(inp.output_size, chunk_bytes)
+    masks: dict[int, _QueryMask] = {}
+    for start in range(0, len(queries), step):
+        chunk = queries[start:start + step]
+        full = _upsample(mask_logits[chunk], out.padded_size, inp)
+        positive = full > 0
+        mask_scores = (full.sigmoid() * positive).flatten(1).sum(1) / (positive.flatten(1).sum(1) + 1e-6)
+        for j, q in enumerate(chunk):
+            for e in by_query[q]:
+                e.score = e.class_score * float(mask_scores[j])
+            box = _crop_box(positive[j])
+            if box is None:
+                continue  # empty mask: score 0, nothing to report
+            y0, y1, x0, x1 = box
+            pasted = any(e.label != human and e.score >= paste_thr for e in by_query[q])
+            masks[q] = _QueryMask(
+                Mask(x0, y0, positive[j, y0:y1, x0:x1].numpy().copy()),
+                full[j, y0:y1, x0:x1].clone() if pasted else None,
+            )
+        del full, positive
+
+    parts = [
+        Part(label_id=e.label, label=cfg.classes[e.label], score=e.score, mask=masks[e.query].mask)
+        for e in entries if e.label not in (0, human) and e.score >= MIN_OUTPUT_SCORE
+    ]
+    parts.sort(key=lambda p: -p.score)
+    humans = sorted((e for e in entries if e.label == human and e.score > MIN_OUTPUT_SCORE),
+                    key=lambda e: -e.score)
+    persons = [Person(person_id=i, score=e.score, mask=masks[e.query].mask)
+               for i, e in enumerate(humans)]
+    _assign_parts_to_persons(parts, persons)
+
+    paste = [e for e in entries if e.label != human and e.score >= paste_thr]
+    class_map = _paste_semantic_map(paste, masks, (height, width), human)
+    return ParseResult(width=width, height=height, class_map=class_map.numpy(),
+                       class_names=cfg.part_classes, parts=parts, persons=persons,
+                       single_human=False)
+
+
+def _paste_semantic_map(paste: list[_Entry], masks: dict[int, _QueryMask],
+                        size: tuple[int, int], num_parsing: int) -> torch.Tensor:
+    """M2FP's semantic output: per class, the mean of its confident instances'
+    probabilities (instance sigmoid x score, where > 0.5); then argmax over classes.
+
+    Each class is accumulated only over the union box of its instances and folded into
+    a running argmax, instead of materialising (classes x H x W) probabilities.
+    """
+    best = torch.zeros(size, dtype=torch.float32)
+    class_map = torch.zeros(size, dtype=torch.uint8)
+    for cls in range(num_parsing):
+        instances = sorted((e for e in paste if e.label == cls), key=lambda e: e.score)
+        if not instances:
+            continue
+        boxes = [masks[e.query].mask for e in instances]
+        y0 = min(m.y0 for m in boxes)
+        x0 = min(m.x0 for m in boxes)
+        y1 = max(m.y0 + m.bits.shape[0] for m in boxes)
+        x1 = max(m.x0 + m.bits.shape[1] for m in boxes)
+        probs = torch.zeros((y1 - y0, x1 - x0))
+        times = torch.zeros((y1 - y0, x1 - x0))
+        for e in instances:
+            qm = masks[e.query]
+            h, w = qm.logits.shape
+            oy, ox = qm.mask.y0 - y0, qm.mask.x0 - x0
+            ins = qm.logits.sigmoid() * e.score
+            hit = ins > 0.5
+            region = probs[oy:oy + h, ox:ox + w]
+            region.copy_(torch.where(hit, ins + region, region))
+            times[oy:oy + h, ox:ox + w] += hit
+        probs /= times.clamp(min=1)
+        current = best[y0:y1, x0:x1]
+        better = probs > current  # strict: ties keep the lower class id, as argmax does
+        current.copy_(torch.where(better, probs, current))
+        class_map[y0:y1, x0:x1][better] = cls
+    return class_map
+
+
+def _assign_parts_to_persons(parts: list[Part], persons: list[Person]) -> None:
+    """Each part belongs to the person whose mask overlaps it most (none if no overlap)."""
+    for index, part in enumerate(parts):
+        overlaps = [part.mask.intersection(p.mask) for p in persons]
+        if overlaps and max(overlaps) > 0:
+            person = persons[overlaps.index(max(overlaps))]
+            part.person_id = person.person_id
+            person.part_indices.append(index)
+
+
+def parse_single(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ParseResult:
+    """Semantic parsing of one person: argmax of the query-weighted class probabilities."""
+    logits, mask_logits = out.pred_logits[0].float(), out.pred_masks[0].float()
+    probs = logits.softmax(-1)[:, :-1]
+    m = F.interpolate(mask_logits[None], size=out.padded_size, mode="bilinear",
+                      align_corners=False)[0].sigmoid()
+    semantic = torch.einsum("qc,qhw->chw", probs, m)
+    ih, iw = inp.input_size
+    x0, y0, x1, y1 = inp.crop_box
+    semantic = semantic[:, :ih, :iw][:, y0:y1, x0:x1]
+    height, width = inp.output_size
+    num_classes = semantic.shape[0]
+
+    step = _chunk_size(inp.output_size, chunk_bytes)
+    groups = [(c, min(num_classes, c + step)) for c in range(0, num_classes, step)]
+
+    def upsampled(c0: int, c1: int) -> torch.Tensor:
+        return F.interpolate(semantic[None, c0:c1], size=(height, width), mode="bilinear",
+                             align_corners=False)[0]
+
+    # With one group the upsampled map is kept for the second pass; otherwise each
+    # group is recomputed rather than holding (classes x H x W) floats.
+    kept = upsampled(0, num_classes) if len(groups) == 1 else None
+    best = label = None
+    for c0, c1 in groups:
+        up = kept if kept is not None else upsampled(c0, c1)
+        group_label = up.argmax(0)
+        group_best = up.gather(0, group_label[None])[0]
+        group_label += c0
+        if best is None:
+            best, label = group_best, group_label
+        else:
+            better = group_best > best
+            best = torch.where(better, group_best, best)
+            label = torch.where(better, group_label, label)
+    del best
+    counts = torch.bincount(label.flatten(), minlength=num_classes)
+    present = [c for c in range(num_classes) if counts[c] > 0]
+    # ModelScope's score: mean of sigmoid(probability) over the class's pixels, (n + 1)
+    scores: dict[int, float] = {}
+    for c0, c1 in groups:
+        up = kept if kept is not None else upsampled(c0, c1)
+        for c in present:
+            if c0 <= c < c1:
+                total = up[c - c0].sigmoid()[label == c].double().sum()
+                scores[c] = float(total / (float(counts[c]) + 1))
+    class_map = label.to(torch.uint8).numpy()
+    parts = [
+        Part(label_id=c, label=cfg.classes[c], score=scores[c], mask=Mask.from_full(class_map == c))
+        for c in present if c != 0
+    ]
+    parts.sort(key=lambda p: -p.score)
+    return ParseResult(width=width, height=height, class_map=class_map,
+                       class_names=cfg.part_classes, parts=parts, persons=[],
+                       single_human=True, class_scores=scores)
