@@ -7,6 +7,7 @@ with what was found, not with (queries x full-resolution pixels).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -27,7 +28,7 @@ class Mask:
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         return cls(int(x0), int(y0), np.ascontiguousarray(full[y0:y1, x0:x1]))
 
-    @property
+    @cached_property
     def area(self) -> int:
         return int(np.count_nonzero(self.bits))
 

@@ -1,0 +1,166 @@
+"""`m2fp` command line: parse photos, describe the model, benchmark, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+OUTPUTS = ("mask", "overlay", "labels", "parts")
+
+
+def _parser_from_args(args):
+    from .engine import HumanParser
+    from .settings import Settings
+
+    overrides = {"model": args.model} if args.model else {}
+    if getattr(args, "backend", None):
+        overrides["backend"] = args.backend
+    return HumanParser.from_settings(Settings(**overrides))
+
+
+def _model_ref(parser):
+    from .schemas import ModelRef
+
+    info = parser.info
+    return ModelRef(id=info.id, pretrained=info.pretrained, backend=info.backend)
+
+
+def cmd_parse(args) -> int:
+    from tqdm import tqdm
+
+    from . import render
+    from .errors import M2FPError
+    from .schemas import ParseResultOut
+
+    parser = _parser_from_args(args)
+    if not parser.info.pretrained:
+        print(f"note: model {parser.info.id!r} is a stand-in with random weights "
+              f"(pretrained: false); its output is not a real parse.", file=sys.stderr)
+    outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown:
+        print(f"error: unknown outputs {sorted(unknown)}; choose from {','.join(OUTPUTS)}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ref = _model_ref(parser)
+    failures = 0
+    for photo in tqdm(args.photos, unit="photo", disable=len(args.photos) < 2 or args.quiet):
+        try:
+            decoded = parser.decode(photo)
+            result = parser.parse(decoded)
+        except (M2FPError, OSError) as exc:
+            failures += 1
+            tqdm.write(f"{photo}: {getattr(exc, 'code', 'io_error')}: {getattr(exc, 'message', exc)}",
+                       file=sys.stderr)
+            continue
+        stem = out_dir / Path(photo).stem
+        if "mask" in outputs:
+            Path(f"{stem}.mask.png").write_bytes(render.mask_png(result))
+        if "overlay" in outputs:
+            Path(f"{stem}.overlay.png").write_bytes(render.overlay_png(result, decoded.image, args.alpha))
+        if "labels" in outputs:
+            Path(f"{stem}.labels.png").write_bytes(render.labels_png(result))
+        if "parts" in outputs:
+            doc = ParseResultOut.build(result, ref).model_dump()
+            doc["legend"] = render.legend(result)
+            Path(f"{stem}.parts.json").write_text(json.dumps(doc, indent=2))
+        if not args.quiet and len(args.photos) < 2:
+            print(f"{photo}: {len(result.parts)} parts, {len(result.persons)} persons -> {stem}.*")
+    return 1 if failures else 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    parser = _parser_from_args(args)
+    info = parser.info
+    doc = {
+        "model": {"id": info.id, "revision": info.revision, "pretrained": info.pretrained,
+                  "single_human": info.single_human, "classes": list(info.classes),
+                  "path": str(parser.source.path)},
+        "runtime": {"backend": info.backend, "dtype": info.dtype, "threads": info.threads,
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "machine": platform.machine(), "processor": _cpu_name()},
+    }
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cmd_download(args) -> int:
+    from .errors import ModelUnavailable
+    from .engine.checkpoint import resolve_model
+    from .settings import Settings
+
+    settings = Settings()
+    try:
+        source = resolve_model(args.model_id, revision=args.revision, cache_dir=settings.cache_dir,
+                               allow_download=True)
+    except ModelUnavailable as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(source.path)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="m2fp", description="Multi-person human parsing (M2FP).")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("parse", help="parse photos into mask, overlay, labels and parts files")
+    p.add_argument("photos", nargs="+")
+    p.add_argument("--out", default="out", help="output directory (default: ./out)")
+    p.add_argument("--model", help="hub id, model directory or 'demo' (default: M2FP_MODEL)")
+    p.add_argument("--backend", choices=("exact", "fast"))
+    p.add_argument("--outputs", default=",".join(OUTPUTS), help="comma list of " + ",".join(OUTPUTS))
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_parse)
+
+    p = sub.add_parser("info", help="print the model and runtime")
+    p.add_argument("--model")
+    p.add_argument("--backend", choices=("exact", "fast"))
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("download", help="fetch hub weights into ModelScope's cache (needs network)")
+    p.add_argument("model_id")
+    p.add_argument("--revision")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("bench", help="latency and memory on a full-size random checkpoint")
+    p.add_argument("--sizes", default="512x512,960x540,1920x1080")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per size, after one warm-up")
+    p.add_argument("--backends", default="exact,fast")
+    p.add_argument("--json", dest="json_path", help="also write the results here")
+    p.add_argument("--config", help="configuration.json to benchmark (default: bundled R101)")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement per process
+    p.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

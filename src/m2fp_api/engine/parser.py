@@ -1,0 +1,127 @@
+"""HumanParser: the engine's public face.
+
+    parser = HumanParser.from_pretrained("damo/cv_resnet101_image-multiple-human-parsing")
+    out = parser("photo.jpg")          # ModelScope's dict: masks, labels, scores
+    result = parser.parse("photo.jpg")  # ParseResult: class map, parts, persons
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from ..model import M2FP, M2FPConfig
+from ..settings import HUB_MULTIPLE, Settings
+from .backends import Backend, configure_threads, select_backend
+from .checkpoint import ModelSource, load_network, resolve_model
+from .images import DecodedImage, ImageInput, ImageLimits, decode_image
+from .postprocess import DEFAULT_CHUNK_BYTES, parse_multiple, parse_single
+from .preprocess import prepare
+from .result import ParseResult
+
+# Called when a stage starts, with the stage name and the overall progress (0..1).
+# It may raise to abandon the work (the service's cancellation and time limits do).
+StageCallback = Callable[[str, float], None]
+
+STAGES = ("decoding", "preprocessing", "inference", "postprocessing")
+# rough share of the total time spent before each stage starts, for progress bars
+STAGE_PROGRESS = {"decoding": 0.0, "preprocessing": 0.05, "inference": 0.1, "postprocessing": 0.85}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    revision: str | None
+    classes: tuple[str, ...]
+    pretrained: bool
+    backend: str
+    dtype: str
+    threads: int
+    single_human: bool
+
+
+class HumanParser:
+    def __init__(self, network: M2FP, source: ModelSource, backend: Backend, *,
+                 limits: ImageLimits = ImageLimits(), chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.network = network.eval()
+        self.source = source
+        self.backend = backend
+        self.limits = limits
+        self.chunk_bytes = chunk_bytes
+
+    # --- construction ---------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: str | Path = HUB_MULTIPLE, **overrides) -> "HumanParser":
+        """Load a hub id, a local model directory, or `demo`. Keyword arguments override
+        the settings of the same name (`revision`, `allow_download`, `backend`, ...)."""
+        if "revision" in overrides:
+            overrides["model_revision"] = overrides.pop("revision")
+        return cls.from_settings(Settings(model=str(model), **overrides))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "HumanParser":
+        source = resolve_model(settings.model, revision=settings.model_revision,
+                               cache_dir=settings.cache_dir, allow_download=settings.allow_download)
+        threads = configure_threads(settings.threads)
+        backend = select_backend(settings.backend, threads)
+        return cls(load_network(source), source, backend,
+                   limits=ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side),
+                   chunk_bytes=settings.postprocess_chunk_mb * 2**20)
+
+    # --- facts ----------------------------------------------------------------------
+    @property
+    def config(self) -> M2FPConfig:
+        return self.network.config
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(id=self.source.id, revision=self.source.revision,
+                         classes=self.config.part_classes, pretrained=self.source.pretrained,
+                         backend=self.backend.name, dtype=self.backend.dtype,
+                         threads=self.backend.threads, single_human=self.config.single_human)
+
+    # --- work -----------------------------------------------------------------------
+    def decode(self, image: ImageInput) -> DecodedImage:
+        return decode_image(image, self.limits)
+
+    def parse(self, image: ImageInput | DecodedImage, on_stage: StageCallback | None = None) -> ParseResult:
+        timings: dict[str, float] = {}
+        current, started = None, 0.0
+
+        def stage(name: str | None) -> None:
+            """Close the running stage's timing and start the next (None: finished)."""
+            nonlocal current, started
+            now = time.perf_counter()
+            if current is not None:
+                timings[current] = (now - started) * 1000
+            current, started = name, now
+            if name is not None and on_stage is not None:
+                on_stage(name, STAGE_PROGRESS[name])
+
+        stage("decoding")
+        decoded = image if isinstance(image, DecodedImage) else self.decode(image)
+        stage("preprocessing")
+        inp = prepare(decoded.image, self.config)
+        stage("inference")
+        with torch.inference_mode(), self.backend.autocast():
+            out = self.network(inp.tensor[None])
+        stage("postprocessing")
+        with torch.inference_mode():
+            post = parse_single if self.config.single_human else parse_multiple
+            result = post(out, inp, self.config, self.chunk_bytes)
+        stage(None)
+        result.timings_ms = timings
+        return result
+
+    def __call__(self, image: ImageInput) -> dict:
+        """ModelScope-compatible output: {"masks": [...], "labels": [...], "scores": [...]}."""
+        return self.parse(image).to_modelscope()
+
+    def warm_up(self) -> None:
+        """One small parse so the first real request does not pay for lazy initialisation."""
+        self.parse(Image.new("RGB", (64, 64), (128, 128, 128)))
