@@ -44,13 +44,13 @@ def _chunk_size(output_size: tuple[int, int], chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * h * w))
 
 
-def _crop_box(positive: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """(y0, y1, x0, x1) of the True pixels of a (H, W) mask, or None when empty."""
-    rows = torch.nonzero(positive.any(1)).flatten()
-    if rows.numel() == 0:
-        return None
-    cols = torch.nonzero(positive.any(0)).flatten()
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+def _crop_boxes(positive: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
+    """(y0, y1, x0, x1) of the True pixels of each (H, W) mask in (n, H, W), None if empty."""
+    boxes = []
+    for rows, cols in zip(positive.any(2), positive.any(1)):
+        r, c = torch.nonzero(rows).flatten(), torch.nonzero(cols).flatten()
+        boxes.append(None if r.numel() == 0 else (int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1))
+    return boxes
 
 
 @dataclass
@@ -63,10 +63,13 @@ class _Entry:
     score: float = 0.0  # class score x mask score, once the mask is known
 
 
-@dataclass
-class _QueryMask:
-    mask: Mask
-    logits: torch.Tensor | None  # full-resolution logits in the mask's box, kept for pasting
+def _chunks(queries: list[int], mask_logits: torch.Tensor, padded: tuple[int, int],
+            inp: NetworkInput, chunk_bytes: int):
+    """Yield (queries, (n, H, W) full-resolution logits), a budget-sized chunk at a time."""
+    step = _chunk_size(inp.output_size, chunk_bytes)
+    for start in range(0, len(queries), step):
+        chunk = queries[start:start + step]
+        yield chunk, _upsample(mask_logits[chunk], padded, inp)
 
 
 def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
@@ -75,7 +78,6 @@ def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
     logits, mask_logits = out.pred_logits[0].float(), out.pred_masks[0].float()
     num_classes = logits.shape[-1] - 1
     human = cfg.num_parsing
-    paste_thr = cfg.parsing_ins_score_thr
     class_scores = logits.softmax(-1)[:, :-1].flatten()
     top_scores, top_index = class_scores.topk(min(TOP_K, class_scores.numel()))
     # A final score is the class score times a mask score below 1, so a pair whose class
@@ -88,83 +90,77 @@ def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
     for e in entries:
         by_query.setdefault(e.query, []).append(e)
 
-    height, width = inp.output_size
-    queries = sorted(by_query)
-    step = _chunk_size(inp.output_size, chunk_bytes)
-    masks: dict[int, _QueryMask] = {}
-    for start in range(0, len(queries), step):
-        chunk = queries[start:start + step]
-        full = _upsample(mask_logits[chunk], out.padded_size, inp)
+    # pass 1: mask score and binary mask of every query that can still be reported
+    masks: dict[int, Mask] = {}
+    for chunk, full in _chunks(sorted(by_query), mask_logits, out.padded_size, inp, chunk_bytes):
         positive = full > 0
-        mask_scores = (full.sigmoid() * positive).flatten(1).sum(1) / (positive.flatten(1).sum(1) + 1e-6)
-        for j, q in enumerate(chunk):
+        counts = torch.count_nonzero(positive.flatten(1), dim=1)
+        # mean sigmoid over the positive pixels: sigmoid > 0.5 exactly where logit > 0,
+        # so sum(sigmoid | positive) = sum(relu(sigmoid - 0.5)) + 0.5 * count, in place
+        excess = full.sigmoid_().sub_(0.5).clamp_(min=0).flatten(1).sum(1)
+        mask_scores = (excess + 0.5 * counts) / (counts + 1e-6)
+        for j, (q, box) in enumerate(zip(chunk, _crop_boxes(positive))):
             for e in by_query[q]:
                 e.score = e.class_score * float(mask_scores[j])
-            box = _crop_box(positive[j])
-            if box is None:
-                continue  # empty mask: score 0, nothing to report
-            y0, y1, x0, x1 = box
-            pasted = any(e.label != human and e.score >= paste_thr for e in by_query[q])
-            masks[q] = _QueryMask(
-                Mask(x0, y0, positive[j, y0:y1, x0:x1].numpy().copy()),
-                full[j, y0:y1, x0:x1].clone() if pasted else None,
-            )
+            if box is not None:  # an empty mask scores 0: nothing to report
+                y0, y1, x0, x1 = box
+                masks[q] = Mask.from_crop(x0, y0, positive[j, y0:y1, x0:x1].numpy())
         del full, positive
 
     parts = [
-        Part(label_id=e.label, label=cfg.classes[e.label], score=e.score, mask=masks[e.query].mask)
+        Part(label_id=e.label, label=cfg.classes[e.label], score=e.score, mask=masks[e.query])
         for e in entries if e.label not in (0, human) and e.score >= MIN_OUTPUT_SCORE
     ]
     parts.sort(key=lambda p: -p.score)
     humans = sorted((e for e in entries if e.label == human and e.score > MIN_OUTPUT_SCORE),
                     key=lambda e: -e.score)
-    persons = [Person(person_id=i, score=e.score, mask=masks[e.query].mask)
-               for i, e in enumerate(humans)]
+    persons = [Person(person_id=i, score=e.score, mask=masks[e.query]) for i, e in enumerate(humans)]
     _assign_parts_to_persons(parts, persons)
 
-    paste = [e for e in entries if e.label != human and e.score >= paste_thr]
-    class_map = _paste_semantic_map(paste, masks, (height, width), human)
+    # pass 2: M2FP's semantic map from the confident non-person instances
+    paste = [e for e in entries if e.label != human and e.score >= cfg.parsing_ins_score_thr]
+    class_map = torch.zeros(inp.output_size, dtype=torch.uint8)
+    best = torch.zeros(inp.output_size, dtype=torch.float32)
+    for cls in range(human):
+        instances = {e.query: e for e in paste if e.label == cls}
+        if instances:
+            _paste_class(cls, instances, masks, mask_logits, out.padded_size, inp, chunk_bytes,
+                         best, class_map)
+    height, width = inp.output_size
     return ParseResult(width=width, height=height, class_map=class_map.numpy(),
                        class_names=cfg.part_classes, parts=parts, persons=persons,
                        single_human=False)
 
 
-def _paste_semantic_map(paste: list[_Entry], masks: dict[int, _QueryMask],
-                        size: tuple[int, int], num_parsing: int) -> torch.Tensor:
-    """M2FP's semantic output: per class, the mean of its confident instances'
-    probabilities (instance sigmoid x score, where > 0.5); then argmax over classes.
+def _paste_class(cls: int, instances: dict[int, _Entry], masks: dict[int, Mask],
+                 mask_logits: torch.Tensor, padded: tuple[int, int], inp: NetworkInput,
+                 chunk_bytes: int, best: torch.Tensor, class_map: torch.Tensor) -> None:
+    """Fold one class into the running argmax of M2FP's semantic probabilities.
 
-    Each class is accumulated only over the union box of its instances and folded into
-    a running argmax, instead of materialising (classes x H x W) probabilities.
+    The class's probability is the mean, over its confident instances, of
+    sigmoid(mask) x score where that exceeds 0.5 (which needs logit > 0, so only the
+    instances' boxes matter). Instances are upsampled again rather than kept from pass
+    1: memory stays within the chunk budget whatever the number of instances.
     """
-    best = torch.zeros(size, dtype=torch.float32)
-    class_map = torch.zeros(size, dtype=torch.uint8)
-    for cls in range(num_parsing):
-        instances = sorted((e for e in paste if e.label == cls), key=lambda e: e.score)
-        if not instances:
-            continue
-        boxes = [masks[e.query].mask for e in instances]
-        y0 = min(m.y0 for m in boxes)
-        x0 = min(m.x0 for m in boxes)
-        y1 = max(m.y0 + m.bits.shape[0] for m in boxes)
-        x1 = max(m.x0 + m.bits.shape[1] for m in boxes)
-        probs = torch.zeros((y1 - y0, x1 - x0))
-        times = torch.zeros((y1 - y0, x1 - x0))
-        for e in instances:
-            qm = masks[e.query]
-            h, w = qm.logits.shape
-            oy, ox = qm.mask.y0 - y0, qm.mask.x0 - x0
-            ins = qm.logits.sigmoid() * e.score
+    boxes = [masks[q] for q in instances]
+    y0, x0 = min(m.y0 for m in boxes), min(m.x0 for m in boxes)
+    y1 = max(m.y0 + m.height for m in boxes)
+    x1 = max(m.x0 + m.width for m in boxes)
+    probs = torch.zeros((y1 - y0, x1 - x0))
+    times = torch.zeros((y1 - y0, x1 - x0))
+    for chunk, full in _chunks(sorted(instances), mask_logits, padded, inp, chunk_bytes):
+        for j, q in enumerate(chunk):
+            m = masks[q]
+            ins = full[j, m.y0:m.y0 + m.height, m.x0:m.x0 + m.width].sigmoid() * instances[q].score
             hit = ins > 0.5
-            region = probs[oy:oy + h, ox:ox + w]
-            region.copy_(torch.where(hit, ins + region, region))
-            times[oy:oy + h, ox:ox + w] += hit
-        probs /= times.clamp(min=1)
-        current = best[y0:y1, x0:x1]
-        better = probs > current  # strict: ties keep the lower class id, as argmax does
-        current.copy_(torch.where(better, probs, current))
-        class_map[y0:y1, x0:x1][better] = cls
-    return class_map
+            oy, ox = m.y0 - y0, m.x0 - x0
+            probs[oy:oy + m.height, ox:ox + m.width] += torch.where(hit, ins, 0.0)
+            times[oy:oy + m.height, ox:ox + m.width] += hit
+    probs /= times.clamp(min=1)
+    current = best[y0:y1, x0:x1]
+    better = probs > current  # strict: ties keep the lower class id, as argmax does
+    current.copy_(torch.where(better, probs, current))
+    class_map[y0:y1, x0:x1][better] = cls
 
 
 def _assign_parts_to_persons(parts: list[Part], persons: list[Person]) -> None:

@@ -1,0 +1,134 @@
+"""Where weights come from, and what happens when they cannot be had."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+import torch
+
+from conftest import PARITY
+from m2fp_api import HumanParser
+from m2fp_api.engine.checkpoint import WEIGHTS_FILE, load_network, resolve_model
+from m2fp_api.engine.stand_in import bundled_configuration, make_stand_in
+from m2fp_api.errors import ModelUnavailable
+from m2fp_api.settings import HUB_MULTIPLE, HUB_SINGLE
+
+
+def test_hub_id_without_cache_or_downloader_says_how_to_provide_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ModelUnavailable) as info:
+        resolve_model(HUB_MULTIPLE, cache_dir=tmp_path, allow_download=True)
+    message = info.value.message
+    for hint in ("M2FP_MODEL=/path/to/dir", "M2FP_MODEL=demo", "m2fp download", "configuration.json"):
+        assert hint in message
+
+
+def test_download_can_be_disabled(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ModelUnavailable, match="downloading is disabled"):
+        resolve_model(HUB_SINGLE, cache_dir=tmp_path, allow_download=False)
+
+
+@pytest.mark.parametrize("layout", ["models/{id}", "{id}"])
+def test_modelscope_cache_is_used_first(tmp_path, monkeypatch, layout):
+    cache = tmp_path / "ms-cache"
+    target = cache / layout.format(id=HUB_SINGLE)
+    shutil.copytree(PARITY / "tiny-single", target)
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(cache))
+    source = resolve_model(HUB_SINGLE, cache_dir=tmp_path, allow_download=False)
+    assert source.path == target and source.id == HUB_SINGLE
+    assert not source.pretrained  # the fixture is marked as a stand-in
+    parser = HumanParser.from_pretrained(HUB_SINGLE, allow_download=False, cache_dir=tmp_path)
+    assert parser.config.single_human
+
+
+def test_incomplete_model_dir_is_reported(tmp_path):
+    (tmp_path / "configuration.json").write_text("{}")
+    with pytest.raises(ModelUnavailable, match=WEIGHTS_FILE):
+        resolve_model(str(tmp_path), cache_dir=tmp_path)
+
+
+def test_weights_that_do_not_fit_the_configuration_are_refused(tmp_path):
+    model_dir = tmp_path / "mismatch"
+    shutil.copytree(PARITY / "tiny-multiple", model_dir)
+    conf = json.loads((model_dir / "configuration.json").read_text())
+    conf["model"]["decoder"]["num_queries"] = 7
+    (model_dir / "configuration.json").write_text(json.dumps(conf))
+    with pytest.raises(ModelUnavailable, match="do not fit"):
+        load_network(resolve_model(str(model_dir), cache_dir=tmp_path))
+
+
+def test_missing_and_unexpected_keys_are_refused(tmp_path):
+    model_dir = tmp_path / "keys"
+    shutil.copytree(PARITY / "tiny-single", model_dir)
+    state = torch.load(model_dir / WEIGHTS_FILE, weights_only=True)["model"]
+    state.pop("sem_seg_head.predictor.query_feat.weight")
+    state["sem_seg_head.extra.weight"] = torch.zeros(1)
+    torch.save({"model": state}, model_dir / WEIGHTS_FILE)
+    with pytest.raises(ModelUnavailable, match="1 missing.*1 unexpected"):
+        load_network(resolve_model(str(model_dir), cache_dir=tmp_path))
+
+
+def test_training_only_keys_are_ignored(tmp_path):
+    """Mask2Former training checkpoints carry the loss's buffer; ModelScope skips it."""
+    model_dir = tmp_path / "trained"
+    shutil.copytree(PARITY / "tiny-single", model_dir)
+    state = torch.load(model_dir / WEIGHTS_FILE, weights_only=True)["model"]
+    state["criterion.empty_weight"] = torch.ones(21)
+    torch.save({"model": state}, model_dir / WEIGHTS_FILE)
+    load_network(resolve_model(str(model_dir), cache_dir=tmp_path))
+
+
+def test_demo_stand_in_is_generated_once_and_says_so(tmp_path):
+    parser = HumanParser.from_pretrained("demo", cache_dir=tmp_path)
+    assert parser.info.id == "demo" and parser.info.pretrained is False
+    weights = next(tmp_path.glob(f"*/{WEIGHTS_FILE}"))
+    stamp = weights.stat().st_mtime_ns
+    again = HumanParser.from_pretrained("demo", cache_dir=tmp_path)
+    assert weights.stat().st_mtime_ns == stamp
+    out = again(torch.zeros(48, 64, 3, dtype=torch.uint8).numpy() + 100)
+    assert set(out) == {"masks", "labels", "scores"}
+
+
+def test_stand_ins_are_reproducible_from_their_seed(tmp_path):
+    conf = bundled_configuration("tiny-single.json")
+    a = make_stand_in(conf, tmp_path / "a", seed=5)
+    b = make_stand_in(conf, tmp_path / "b", seed=5)
+    sa = torch.load(a / WEIGHTS_FILE, weights_only=True)["model"]
+    sb = torch.load(b / WEIGHTS_FILE, weights_only=True)["model"]
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_full_size_configuration_builds_the_published_parameter_count():
+    from m2fp_api.model import M2FP, M2FPConfig
+
+    cfg = M2FPConfig.from_model_section(bundled_configuration("r101-multiple.json")["model"])
+    with torch.device("meta"):
+        network = M2FP(cfg)
+    # the published 63.2 M counts the whole state dict (BN running statistics included)
+    entries = sum(t.numel() for t in network.state_dict().values())
+    assert round(entries / 1e6, 1) == 63.2
+
+
+def test_importing_the_package_does_not_import_modelscope():
+    code = "import sys, m2fp_api; from m2fp_api import HumanParser; print('modelscope' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_install_pulled_no_cuda_torchvision_or_mmcv():
+    installed = {d.metadata["Name"].lower() for d in metadata.distributions()}
+    forbidden = {n for n in installed if n.startswith(("nvidia-", "torchvision", "mmcv", "triton"))}
+    assert not forbidden, forbidden
+    assert "+cpu" in torch.__version__ or not torch.cuda.is_available()
+    requires = metadata.requires("m2fp-api") or []
+    core = [r for r in requires if "extra ==" not in r]
+    assert not any(r.lower().startswith(("torchvision", "mmcv", "modelscope")) for r in core)

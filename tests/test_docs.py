@@ -1,0 +1,23 @@
+"""The README's configuration table lists every setting, and only real ones."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from m2fp_api.settings import Settings
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_setting_is_documented_in_the_readme_table():
+    documented = set(re.findall(r"^\| `(M2FP_[A-Z_]+)` \|", README.read_text(), re.MULTILINE))
+    fields = {f"M2FP_{name.upper()}" for name in Settings.model_fields}
+    assert documented == fields, {"undocumented": fields - documented, "stale": documented - fields}
+
+
+def test_settings_read_the_environment(monkeypatch):
+    monkeypatch.setenv("M2FP_MODEL", "demo")
+    monkeypatch.setenv("M2FP_MAX_PIXELS", "1234")
+    s = Settings()
+    assert s.model == "demo" and s.max_pixels == 1234
