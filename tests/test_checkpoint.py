@@ -65,25 +65,31 @@ def test_weights_that_do_not_fit_the_configuration_are_refused(tmp_path):
         load_network(resolve_model(str(model_dir), cache_dir=tmp_path))
 
 
-def test_missing_and_unexpected_keys_are_refused(tmp_path):
-    model_dir = tmp_path / "keys"
+def _copy_with_edited_state(tmp_path, name: str, edit) -> str:
+    """The fixture model `name` copied, with `edit(state_dict)` applied to its weights."""
+    model_dir = tmp_path / name
     shutil.copytree(PARITY / "tiny-single", model_dir)
     state = torch.load(model_dir / WEIGHTS_FILE, weights_only=True)["model"]
-    state.pop("sem_seg_head.predictor.query_feat.weight")
-    state["sem_seg_head.extra.weight"] = torch.zeros(1)
+    edit(state)
     torch.save({"model": state}, model_dir / WEIGHTS_FILE)
+    return str(model_dir)
+
+
+def test_missing_and_unexpected_keys_are_refused(tmp_path):
+    def edit(state):
+        state.pop("sem_seg_head.predictor.query_feat.weight")
+        state["sem_seg_head.extra.weight"] = torch.zeros(1)
+
+    model_dir = _copy_with_edited_state(tmp_path, "keys", edit)
     with pytest.raises(ModelUnavailable, match="1 missing.*1 unexpected"):
-        load_network(resolve_model(str(model_dir), cache_dir=tmp_path))
+        load_network(resolve_model(model_dir, cache_dir=tmp_path))
 
 
 def test_training_only_keys_are_ignored(tmp_path):
     """Mask2Former training checkpoints carry the loss's buffer; ModelScope skips it."""
-    model_dir = tmp_path / "trained"
-    shutil.copytree(PARITY / "tiny-single", model_dir)
-    state = torch.load(model_dir / WEIGHTS_FILE, weights_only=True)["model"]
-    state["criterion.empty_weight"] = torch.ones(21)
-    torch.save({"model": state}, model_dir / WEIGHTS_FILE)
-    load_network(resolve_model(str(model_dir), cache_dir=tmp_path))
+    model_dir = _copy_with_edited_state(
+        tmp_path, "trained", lambda state: state.update({"criterion.empty_weight": torch.ones(21)}))
+    load_network(resolve_model(model_dir, cache_dir=tmp_path))
 
 
 def test_demo_stand_in_is_generated_once_and_says_so(tmp_path):
