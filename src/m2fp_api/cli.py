@@ -122,6 +122,15 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_serve(args) -> int:
+    from .api.app import serve
+    from .settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v}
+    serve(Settings(**overrides))
+    return 0
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="m2fp", description="Multi-person human parsing (M2FP).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -145,6 +154,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("model_id")
     p.add_argument("--revision")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("serve", help="run the HTTP service and web page (settings: M2FP_*)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--model")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="latency and memory on a full-size random checkpoint")
     p.add_argument("--sizes", default="512x512,960x540,1920x1080")

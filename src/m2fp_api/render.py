@@ -48,12 +48,21 @@ def colorize(class_map: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return colours[class_map]
 
 
+# rows blended at once: bounds the 16-bit temporaries to a few MB whatever the photo size
+OVERLAY_BAND_ROWS = 256
+
+
 def overlay(photo: np.ndarray, class_map: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
     """Blend the part colours over the photo; background pixels keep the photo."""
     weight = int(round(min(max(alpha, 0.0), 1.0) * 256))
-    blended = (photo.astype(np.uint16) * (256 - weight)
-               + colours[class_map].astype(np.uint16) * weight + 128) >> 8
-    return np.where((class_map != 0)[..., None], blended.astype(np.uint8), photo)
+    out = photo.copy()
+    for top in range(0, photo.shape[0], OVERLAY_BAND_ROWS):
+        rows = slice(top, top + OVERLAY_BAND_ROWS)
+        labels = class_map[rows]
+        blended = (photo[rows].astype(np.uint16) * (256 - weight)
+                   + colours[labels].astype(np.uint16) * weight + 128) >> 8
+        np.copyto(out[rows], blended.astype(np.uint8), where=(labels != 0)[..., None])
+    return out
 
 
 def encode_png(pixels: np.ndarray, colours: np.ndarray | None = None) -> bytes:
@@ -81,6 +90,10 @@ def labels_png(result: ParseResult) -> bytes:
 
 
 def overlay_png(result: ParseResult, photo: Image.Image, alpha: float) -> bytes:
+    """The part map over the photo, at the photo's full size (a photo decoded at a
+    reduced scale is brought back to it)."""
+    if photo.size != (result.width, result.height):
+        photo = photo.resize((result.width, result.height), Image.BILINEAR)
     pixels = np.asarray(photo.convert("RGB"))
     return encode_png(overlay(pixels, result.class_map, palette(result.class_names), alpha))
 

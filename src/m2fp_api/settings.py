@@ -32,10 +32,38 @@ class Settings(BaseSettings):
         "supports it (falls back to exact otherwise)."))
 
     # --- input limits ----------------------------------------------------------------
-    max_pixels: int = Field(40_000_000, gt=0, description="Largest photo accepted, in pixels.")
+    max_pixels: int = Field(24_000_000, gt=0, description="Largest photo accepted, in pixels.")
     min_side: int = Field(8, gt=0, description="Smallest accepted photo side, in pixels.")
     postprocess_chunk_mb: int = Field(64, gt=0, description=(
         "Memory budget for upsampling masks to full resolution at once."))
+
+
+    jpeg_draft: bool = Field(True, description=(
+        "Decode JPEGs far larger than the network input at a reduced scale (outputs stay at "
+        "the original size); saves memory and time, changes the input by resampling only."))
+
+    # --- service -----------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address `m2fp serve` listens on.")
+    port: int = Field(8000, description="Port `m2fp serve` listens on.")
+    memory_budget_mb: int = Field(2048, gt=0, description=(
+        "Process memory ceiling the admission control plans for (inference slots are sized "
+        "to it when `M2FP_SLOTS=0`)."))
+    slots: int = Field(0, ge=0, description="Concurrent inferences; 0 = as many as the budget allows.")
+    queue_size: int = Field(16, ge=1, description="Tasks waiting beyond the running ones; more get 503.")
+    max_upload_mb: float = Field(20, gt=0, description="Largest request body accepted (413 above).")
+    queue_timeout_s: float = Field(300, gt=0, description="A task not started within this fails (`timeout`).")
+    run_timeout_s: float = Field(120, gt=0, description="A task running longer fails (`timeout`).")
+    drain_timeout_s: float = Field(60, gt=0, description=(
+        "On SIGTERM, how long queued and running work may take before it fails (`shutdown`)."))
+    result_ttl_s: float = Field(3600, gt=0, description="How long finished tasks and outputs are kept.")
+    max_results: int = Field(1000, ge=1, description="Finished tasks kept at most (least recently used go first).")
+    max_result_mb: float = Field(256, gt=0, description="Stored output bytes at most (least recently used go first).")
+    cors_origins: list[str] = Field(default_factory=list, description=(
+        "Origins allowed to call the API from a browser (JSON list, e.g. [\"https://a.example\"])."))
+    api_key: str | None = Field(None, description=(
+        "When set, /v1 requires `Authorization: Bearer KEY` or `X-API-Key: KEY`."))
+    log_format: Literal["text", "json"] = Field("text", description="`json`: one JSON object a line, with task ids.")
+    log_level: str = Field("INFO", description="Python logging level.")
 
 
 @lru_cache

@@ -34,16 +34,54 @@ class ImageLimits:
 
 @dataclass
 class DecodedImage:
-    image: Image.Image  # RGB, orientation applied
+    image: Image.Image  # RGB, orientation applied (possibly decoded at a reduced scale)
     format: str | None  # as detected from the bytes; None for in-memory inputs
+    original_size: tuple[int, int] | None = None  # (width, height) of the photo; results use it
+
+    def __post_init__(self) -> None:
+        if self.original_size is None:
+            self.original_size = self.image.size
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.image.size
+        return self.original_size
 
 
-def decode_image(source: ImageInput, limits: ImageLimits = ImageLimits()) -> DecodedImage:
-    """Decode and normalise any supported input. Raises the typed errors in `errors`."""
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Read the header only, with the accepted formats and the size limits checked."""
+    if len(data) == 0:
+        raise InvalidImage("The upload is empty.")
+    try:
+        # Pillow only warns between 1x and 2x its own bomb limit; our limit is checked
+        # explicitly below, before decoding, so its warning is noise here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=list(limits.formats))
+    except UnidentifiedImageError:
+        raise UnsupportedMediaType(
+            f"Not a supported image; send {', '.join(_pretty(limits.formats))}.") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLarge("The image has too many pixels.") from None
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError):
+        raise InvalidImage("The image header is corrupt.") from None
+    _check_size(image.size, limits)
+    return image
+
+
+def probe_image(data: bytes, limits: ImageLimits = ImageLimits()) -> tuple[str, int, int]:
+    """(format, width, height) from the header, without decoding: for admission control."""
+    image = _open(data, limits)
+    return image.format, image.size[0], image.size[1]
+
+
+def decode_image(source: ImageInput, limits: ImageLimits = ImageLimits(),
+                 draft_min_side: int | None = None) -> DecodedImage:
+    """Decode and normalise any supported input. Raises the typed errors in `errors`.
+
+    With `draft_min_side`, a JPEG whose short side is at least twice that is decoded at a
+    reduced scale (libjpeg's DCT scaling) that keeps the short side >= draft_min_side;
+    `original_size` still reports the full size, at which results are produced.
+    """
     if isinstance(source, Image.Image):
         return DecodedImage(_normalise(source, limits), None)
     if isinstance(source, np.ndarray):
@@ -52,30 +90,29 @@ def decode_image(source: ImageInput, limits: ImageLimits = ImageLimits()) -> Dec
         source = Path(source).read_bytes()
     if not isinstance(source, (bytes, bytearray, memoryview)):
         raise TypeError(f"unsupported image input type {type(source).__name__}")
-    if len(source) == 0:
-        raise InvalidImage("The upload is empty.")
-    try:
-        # Pillow only warns between 1x and 2x its own bomb limit; our limit is checked
-        # explicitly below, before decoding, so its warning is noise here.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source), formats=list(limits.formats))
-    except UnidentifiedImageError:
-        raise UnsupportedMediaType(
-            f"Not a supported image; send {', '.join(_pretty(limits.formats))}.") from None
-    except Image.DecompressionBombError:
-        raise ImageTooLarge("The image has too many pixels.") from None
-    except (OSError, SyntaxError, ValueError, struct.error, EOFError):
-        raise InvalidImage("The image header is corrupt.") from None
+    image = _open(bytes(source), limits)
     fmt = image.format
-    _check_size(image.size, limits)
+    full_size = _oriented_size(image)
+    if draft_min_side and fmt == "JPEG" and min(image.size) >= 2 * draft_min_side:
+        scale = draft_min_side / min(image.size)
+        image.draft("RGB", (int(image.size[0] * scale + 1), int(image.size[1] * scale + 1)))
     try:
         image.load()  # first frame only, for animated and multi-page files
     except Image.DecompressionBombError:
         raise ImageTooLarge("The image has too many pixels.") from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, MemoryError):
         raise InvalidImage("The image data is corrupt or truncated.") from None
-    return DecodedImage(_normalise(image, limits), fmt)
+    return DecodedImage(_normalise(image, limits), fmt, full_size)
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """The size once EXIF orientation is applied (5-8 swap width and height)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, struct.error, KeyError, TypeError):
+        orientation = 1
+    w, h = image.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def _pretty(formats) -> list[str]:

@@ -21,7 +21,7 @@ from .backends import Backend, configure_threads, select_backend
 from .checkpoint import ModelSource, load_network, resolve_model
 from .images import DecodedImage, ImageInput, ImageLimits, decode_image
 from .postprocess import DEFAULT_CHUNK_BYTES, parse_multiple, parse_single
-from .preprocess import prepare
+from .preprocess import DRAFT_MIN_SIDE, prepare
 from .result import ParseResult
 
 # Called when a stage starts, with the stage name and the overall progress (0..1).
@@ -47,8 +47,10 @@ class ModelInfo:
 
 class HumanParser:
     def __init__(self, network: M2FP, source: ModelSource, backend: Backend, *,
-                 limits: ImageLimits = ImageLimits(), chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 limits: ImageLimits = ImageLimits(), chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 jpeg_draft: bool = False) -> None:
         self.network = network.eval()
+        self.jpeg_draft = jpeg_draft
         self.source = source
         self.backend = backend
         self.limits = limits
@@ -71,7 +73,7 @@ class HumanParser:
         backend = select_backend(settings.backend, threads)
         return cls(load_network(source), source, backend,
                    limits=ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side),
-                   chunk_bytes=settings.postprocess_chunk_mb * 2**20)
+                   chunk_bytes=settings.postprocess_chunk_mb * 2**20, jpeg_draft=settings.jpeg_draft)
 
     # --- facts ----------------------------------------------------------------------
     @property
@@ -87,7 +89,7 @@ class HumanParser:
 
     # --- work -----------------------------------------------------------------------
     def decode(self, image: ImageInput) -> DecodedImage:
-        return decode_image(image, self.limits)
+        return decode_image(image, self.limits, DRAFT_MIN_SIDE if self.jpeg_draft else None)
 
     def parse(self, image: ImageInput | DecodedImage, on_stage: StageCallback | None = None) -> ParseResult:
         timings: dict[str, float] = {}
@@ -106,7 +108,7 @@ class HumanParser:
         stage("decoding")
         decoded = image if isinstance(image, DecodedImage) else self.decode(image)
         stage("preprocessing")
-        inp = prepare(decoded.image, self.config)
+        inp = prepare(decoded.image, self.config, decoded.original_size)
         stage("inference")
         with torch.inference_mode(), self.backend.autocast():
             out = self.network(inp.tensor[None])

@@ -21,6 +21,9 @@ LONG_SIDE_MAX = 1333
 SINGLE_HUMAN_PAD_VALUE = 128
 # a network input side below this leaves no pixel at the mask stride (1/4)
 MIN_NETWORK_SIDE = 4
+# JPEGs may be decoded at a reduced scale down to this short side: twice the network's
+# keeps the resize to the network input as sharp as from the full photo
+DRAFT_MIN_SIDE = 2 * SHORT_SIDE
 
 
 @dataclass
@@ -73,26 +76,36 @@ def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float()
 
 
-def _check_network_size(new_h: int, new_w: int, w: int, h: int) -> None:
+def network_size(width: int, height: int, cfg: M2FPConfig) -> tuple[int, int]:
+    """(new_h, new_w) of the photo inside the network input; ImageTooSmall when a side
+    would vanish (an extreme aspect ratio)."""
+    if cfg.single_human:
+        new_h, new_w = single_human_size(height, width, *cfg.single_human_size)
+    else:
+        new_h, new_w = multiple_human_size(height, width)
     if min(new_h, new_w) < MIN_NETWORK_SIDE:
-        raise ImageTooSmall(
-            f"The image is {w}x{h}; its aspect ratio is too extreme to parse.")
+        raise ImageTooSmall(f"The image is {width}x{height}; its aspect ratio is too extreme to parse.")
+    return new_h, new_w
 
 
-def prepare(image: Image.Image, cfg: M2FPConfig) -> NetworkInput:
-    """RGB photo -> network input for this model's mode."""
-    w, h = image.size
+
+def prepare(image: Image.Image, cfg: M2FPConfig,
+            original_size: tuple[int, int] | None = None) -> NetworkInput:
+    """RGB photo -> network input for this model's mode.
+
+    `original_size` (width, height) is the photo's full size when `image` was decoded at
+    a reduced scale: the network input is sized from it, as ModelScope sizes it from the
+    full photo, and results are produced at it.
+    """
+    w, h = original_size or image.size
+    new_h, new_w = network_size(w, h, cfg)
     if not cfg.single_human:
-        new_h, new_w = multiple_human_size(h, w)
-        _check_network_size(new_h, new_w, w, h)
-        if (new_w, new_h) != (w, h):
+        if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), Image.BILINEAR)
         return NetworkInput(_to_tensor(np.asarray(image, dtype=np.uint8)), (h, w), None)
 
     target_w, target_h = cfg.single_human_size
-    new_h, new_w = single_human_size(h, w, target_w, target_h)
-    _check_network_size(new_h, new_w, w, h)
-    if (new_w, new_h) != (w, h):
+    if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.BILINEAR)
     pad_left, pad_top = (target_w - new_w) // 2, (target_h - new_h) // 2
     box = (pad_left, pad_top, pad_left + new_w, pad_top + new_h)

@@ -1,0 +1,118 @@
+"""The FastAPI application and `m2fp serve` (uvicorn with a draining SIGTERM)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from contextlib import asynccontextmanager
+from importlib import resources
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from .. import __version__
+from ..settings import Settings
+from . import errors
+from .limits import BodySizeLimit
+from .routes import ops, v1
+from .service import Service
+
+log = logging.getLogger("m2fp.api")
+WEB = resources.files("m2fp_api").joinpath("web")
+
+
+def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
+    settings = settings or Settings()
+    service = service or Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        yield
+        if not service.executor.draining:
+            service.drain()
+
+    app = FastAPI(title="m2fp-api", version=__version__, lifespan=lifespan,
+                  description="Multi-person human parsing (M2FP). Submit a photo, poll the task, "
+                              "fetch the colourised mask, overlay, class-id labels and per-part JSON.")
+    app.state.service = service
+    errors.install(app)
+    app.include_router(v1)
+    app.include_router(ops)
+    app.mount("/static", StaticFiles(directory=str(WEB)), name="static")
+
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(WEB.joinpath("index.html").read_text())
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+                           expose_headers=["Location", "Retry-After"])
+    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_upload_mb * 2**20))
+    return app
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line; carries `task_id` when the log call gives one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if getattr(record, "task_id", None):
+            doc["task_id"] = record.task_id
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: stop being ready, refuse new work with 503, let queued
+    and running tasks finish (up to the drain deadline), then exit. A second signal
+    exits at once."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        log.info("received %s: draining before exit", signal.Signals(sig).name)
+
+        def drain_then_exit() -> None:
+            self.service.drain()
+            self.should_exit = True
+
+        threading.Thread(target=drain_then_exit, name="m2fp-drain", daemon=True).start()
+
+
+def serve(settings: Settings | None = None) -> None:
+    settings = settings or Settings()
+    configure_logging(settings)
+    service = Service(settings)
+    app = create_app(settings, service)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, service).run()

@@ -1,0 +1,124 @@
+"""The running service: settings, store, executor, metrics and the one warm model.
+
+The model loads in the background after start-up, so `/healthz` answers at once and
+`/readyz` says 503 until the model is loaded and warmed. Inference slots are sized
+to the memory budget from the idle RSS measured after the warm-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psutil
+
+from ..engine import HumanParser
+from ..errors import M2FPError, ModelUnavailable
+from ..jobs.executor import Draining, InProcessExecutor
+from ..jobs.store import MemoryStore, TaskStore
+from ..metrics import Metrics
+from ..settings import Settings
+
+log = logging.getLogger("m2fp.service")
+
+MB = 2**20
+# Working memory of one inference, beyond the idle process: network activations at the
+# largest input (1333 x 640, measured about 420 MB for the full-size model) plus about
+# 20 bytes per photo pixel for the decoded photo, the full-size maps, post-processing
+# chunks and rendering. See "Memory budget" in the README.
+NETWORK_WORKING_BYTES = 450 * MB
+BYTES_PER_PIXEL = 20
+SWEEP_INTERVAL_S = 30
+
+
+class NotLoaded(M2FPError):
+    code, status = "not_ready", 503
+
+
+def task_working_bytes(max_pixels: int) -> int:
+    return NETWORK_WORKING_BYTES + BYTES_PER_PIXEL * max_pixels
+
+
+def plan_slots(settings: Settings, idle_rss: int) -> int:
+    """Slots that fit the budget (at least one), unless set explicitly."""
+    if settings.slots:
+        return settings.slots
+    free = settings.memory_budget_mb * MB - idle_rss
+    fit = int(free // task_working_bytes(settings.max_pixels))
+    if fit < 1:
+        log.warning("memory budget %d MB leaves no room for a task at %d pixels; running one slot",
+                    settings.memory_budget_mb, settings.max_pixels)
+    return max(1, fit)
+
+
+class Service:
+    def __init__(self, settings: Settings, store: TaskStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or MemoryStore(ttl_s=settings.result_ttl_s, max_finished=settings.max_results,
+                                          max_output_bytes=int(settings.max_result_mb * MB))
+        self.executor = InProcessExecutor(
+            self.store, slots=0, queue_size=settings.queue_size,
+            queue_timeout_s=settings.queue_timeout_s, run_timeout_s=settings.run_timeout_s)
+        self.metrics = Metrics(depth=self.executor.depth, in_flight=self.executor.in_flight)
+        self.executor.on_finished = self.metrics.task_finished
+        self.parser: HumanParser | None = None
+        self.load_error: ModelUnavailable | None = None
+        self.started_at = time.time()
+        self._stop = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="m2fp-load", daemon=True).start()
+        threading.Thread(target=self._sweep_loop, name="m2fp-sweep", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            parser = HumanParser.from_settings(self.settings)
+            parser.warm_up()
+        except ModelUnavailable as exc:
+            self.load_error = exc
+            log.error("model unavailable: %s", exc.message)
+            return
+        except Exception:
+            log.exception("model failed to load")
+            self.load_error = ModelUnavailable("The model failed to load; see the service log.")
+            return
+        idle = psutil.Process().memory_info().rss
+        self.executor.slots = plan_slots(self.settings, idle)
+        self.executor.start(parser)
+        self.parser = parser
+        info = parser.info
+        log.info("ready: model %s (pretrained=%s, %s, %d threads), %d slot(s), idle RSS %d MB, "
+                 "%.1f s after start", info.id, info.pretrained, info.backend, info.threads,
+                 self.executor.slots, idle // MB, time.time() - self.started_at)
+        if not info.pretrained:
+            log.warning("model %s is a STAND-IN with random weights: results are not real parses", info.id)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(SWEEP_INTERVAL_S):
+            try:
+                self.store.sweep()
+            except Exception:  # a store outage must not end the sweeper
+                log.warning("sweeping expired tasks failed", exc_info=True)
+
+    def drain(self) -> None:
+        """Refuse new work, finish (or fail with `shutdown`) what is queued and running."""
+        log.info("draining: up to %.0f s for queued and running tasks", self.settings.drain_timeout_s)
+        self.executor.drain(self.settings.drain_timeout_s)
+        self._stop.set()
+        log.info("drained")
+
+    # -- state ----------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.parser is not None and not self.executor.draining
+
+    def require_ready(self) -> HumanParser:
+        if self.executor.draining:
+            raise Draining("The service is shutting down; try another instance.")
+        if self.parser is None:
+            if self.load_error is not None:
+                raise self.load_error
+            raise NotLoaded("The model is still loading; retry shortly.")
+        return self.parser

@@ -1,0 +1,1 @@
+"""Tasks: their model, the store, the executor and the work they do."""

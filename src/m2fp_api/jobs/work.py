@@ -1,0 +1,112 @@
+"""One task's work, whatever runs it (the in-process executor or a Celery worker):
+decode -> parse -> render -> store. Every outcome ends in the store as a terminal
+status; nothing escapes as an exception."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable
+
+from .. import render
+from ..engine import HumanParser, ParseResult
+from ..errors import M2FPError
+from ..schemas import ModelRef, ParseResultOut
+from .models import Stage, TaskOptions, TaskStatus
+from .store import TaskStore
+
+log = logging.getLogger("m2fp.jobs")
+
+# Returns why the work should stop ("cancelled", "timeout", "shutdown") or None.
+StopCheck = Callable[[], "str | None"]
+RENDER_PROGRESS = 0.92
+
+
+class TaskAbandoned(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+ABANDON_MESSAGES = {
+    "timeout": "The task took longer than the service's time limit.",
+    "shutdown": "The service shut down before the task could finish.",
+}
+
+
+def model_ref(parser: HumanParser) -> ModelRef:
+    info = parser.info
+    return ModelRef(id=info.id, pretrained=info.pretrained, backend=info.backend)
+
+
+def render_outputs(result: ParseResult, photo, options: TaskOptions,
+                   ref: ModelRef) -> tuple[dict[str, bytes], dict]:
+    """The requested output files, and the ParseResult JSON (always produced)."""
+    doc = ParseResultOut.build(result, ref).model_dump(mode="json")
+    outputs: dict[str, bytes] = {}
+    if "mask" in options.outputs:
+        outputs["mask"] = render.mask_png(result)
+    if "overlay" in options.outputs:
+        outputs["overlay"] = render.overlay_png(result, photo, options.overlay_alpha)
+    if "labels" in options.outputs:
+        outputs["labels"] = render.labels_png(result)
+    if "parts" in options.outputs:
+        outputs["parts"] = json.dumps(doc).encode()
+    return outputs, doc
+
+
+def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes,
+             options: TaskOptions, should_stop: StopCheck,
+             on_finished: Callable[[str, ParseResult | None], None] | None = None) -> None:
+    """Run one task to a terminal status in `store`."""
+    running = (TaskStatus.running,)
+
+    def check() -> None:
+        reason = should_stop()
+        if reason:
+            raise TaskAbandoned(reason)
+
+    def on_stage(stage: str, progress: float) -> None:
+        check()
+        store.update(task_id, if_status=running, stage=Stage(stage), progress=progress)
+
+    result = None
+    status = TaskStatus.failed
+    try:
+        if not store.update(task_id, if_status=(TaskStatus.queued,), status=TaskStatus.running,
+                            stage=Stage.decoding, started_at=time.time()):
+            return  # cancelled or expired while waiting
+        on_stage(Stage.decoding.value, 0.0)
+        decoded = parser.decode(payload)
+        result = parser.parse(decoded, on_stage=on_stage)
+        on_stage(Stage.rendering.value, RENDER_PROGRESS)
+        t0 = time.perf_counter()
+        outputs, doc = render_outputs(result, decoded.image, options, model_ref(parser))
+        doc["timings_ms"]["rendering"] = round((time.perf_counter() - t0) * 1000, 2)
+        check()
+        store.put_outputs(task_id, outputs)
+        if store.update(task_id, if_status=running, status=TaskStatus.succeeded, stage=Stage.done,
+                        progress=1.0, result=doc, finished_at=time.time()):
+            status = TaskStatus.succeeded
+    except TaskAbandoned as stop:
+        if stop.reason == "cancelled":
+            status = TaskStatus.cancelled
+            store.update(task_id, status=TaskStatus.cancelled, finished_at=time.time())
+        else:
+            _fail(store, task_id, stop.reason, ABANDON_MESSAGES[stop.reason])
+    except M2FPError as exc:
+        _fail(store, task_id, exc.code, exc.message)
+    except MemoryError:
+        _fail(store, task_id, "out_of_memory", "The photo needed more memory than the service has.")
+    except Exception:
+        log.exception("task failed unexpectedly", extra={"task_id": task_id})
+        _fail(store, task_id, "internal_error", "The task failed unexpectedly.")
+    finally:
+        if on_finished is not None:
+            on_finished(status.value, result if status is TaskStatus.succeeded else None)
+
+
+def _fail(store: TaskStore, task_id: str, code: str, message: str) -> None:
+    store.update(task_id, if_status=(TaskStatus.queued, TaskStatus.running), status=TaskStatus.failed,
+                 error_code=code, error_message=message, finished_at=time.time())
