@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -116,3 +117,10 @@ def serve(settings: Settings | None = None) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=5)
     DrainingServer(config, service).run()
+    if service.executor.in_flight():
+        # Past the drain deadline a slot can still be inside a torch kernel that cannot be
+        # interrupted; its task is already recorded as failed (`shutdown`). Finalising the
+        # interpreter under a running native thread aborts the process, so leave now.
+        log.info("exiting with %d abandoned task(s) still unwinding", service.executor.in_flight())
+        logging.shutdown()
+        os._exit(0)

@@ -52,6 +52,10 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         code = HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else "Request failed."
+        if exc.status_code == 400:
+            # the framework's own words for an unreadable body are terse; say what to fix
+            message = (f"The body is not valid multipart/form-data ({message.rstrip('.')}); "
+                       "part header lines are limited to 4 KB.")
         return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

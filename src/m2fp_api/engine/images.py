@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class DecodedImage:
     image: Image.Image  # RGB, orientation applied (possibly decoded at a reduced scale)
     format: str | None  # as detected from the bytes; None for in-memory inputs
     original_size: tuple[int, int] | None = None  # (width, height) of the photo; results use it
+    decode_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.original_size is None:
@@ -82,6 +84,13 @@ def decode_image(source: ImageInput, limits: ImageLimits = ImageLimits(),
     reduced scale (libjpeg's DCT scaling) that keeps the short side >= draft_min_side;
     `original_size` still reports the full size, at which results are produced.
     """
+    started = time.perf_counter()
+    decoded = _decode(source, limits, draft_min_side)
+    decoded.decode_ms = (time.perf_counter() - started) * 1000
+    return decoded
+
+
+def _decode(source: ImageInput, limits: ImageLimits, draft_min_side: int | None) -> DecodedImage:
     if isinstance(source, Image.Image):
         return DecodedImage(_normalise(source, limits), None)
     if isinstance(source, np.ndarray):

@@ -108,6 +108,7 @@ class HumanParser:
         stage("decoding")
         decoded = image if isinstance(image, DecodedImage) else self.decode(image)
         stage("preprocessing")
+        timings["decoding"] = decoded.decode_ms
         inp = prepare(decoded.image, self.config, decoded.original_size)
         stage("inference")
         with torch.inference_mode(), self.backend.autocast():

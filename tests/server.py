@@ -1,0 +1,138 @@
+"""A real `m2fp serve` (uvicorn) in a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from conftest import PARITY
+
+TINY_MULTIPLE = str(PARITY / "tiny-multiple")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp_path: Path, **settings) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
+        env.update({"M2FP_HOST": "127.0.0.1", "M2FP_PORT": str(self.port), "M2FP_MODEL": TINY_MULTIPLE,
+                    "M2FP_CACHE_DIR": str(tmp_path / "cache"), "M2FP_ALLOW_DOWNLOAD": "false",
+                    "M2FP_LOG_FORMAT": "json"})
+        env.update({f"M2FP_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
+                    for k, v in settings.items()})
+        self.log_path = tmp_path / f"server-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "m2fp_api.cli", "serve"], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def wait_ready(self, timeout: float = 60) -> "Server":
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if self.client.get("/readyz").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.client.close()
+        self._log.close()
+        return self.proc.returncode
+
+    # -- helpers for tests ----------------------------------------------------------
+    def submit(self, data: bytes, name: str = "photo.jpg", **form) -> httpx.Response:
+        return self.client.post("/v1/parse", files={"file": (name, data, "application/octet-stream")},
+                                data={k: str(v) for k, v in form.items()})
+
+    def wait_status(self, task_id: str, statuses=("succeeded", "failed", "cancelled"),
+                    timeout: float = 120) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            r = self.client.get(f"/v1/tasks/{task_id}")
+            assert r.status_code == 200, r.text
+            task = r.json()
+            if task["status"] in statuses:
+                return task
+            time.sleep(0.05)
+        raise TimeoutError(f"task {task_id} never reached {statuses}: {task}")
+
+    def watch(self, task_id: str) -> "EventWatcher":
+        return EventWatcher(self.url, task_id)
+
+
+class EventWatcher(threading.Thread):
+    """Reads a task's SSE stream in the background; `events` collects the Task dicts."""
+
+    def __init__(self, url: str, task_id: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.task_id = url, task_id
+        self.events: list[dict] = []
+        self.kinds: list[str] = []
+        self.opened = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=120) as client:
+            with client.stream("GET", f"/v1/tasks/{self.task_id}/events") as r:
+                self.opened.set()
+                kind = None
+                for line in r.iter_lines():
+                    if line.startswith("event:"):
+                        kind = line.split(":", 1)[1].strip()
+                    elif line.startswith("data:"):
+                        self.kinds.append(kind)
+                        if kind == "task":
+                            self.events.append(json.loads(line.split(":", 1)[1]))
+
+    @property
+    def final(self) -> dict | None:
+        return self.events[-1] if self.events else None
+
+
+def jpeg(width: int, height: int, seed: int = 0, quality: int = 85) -> bytes:
+    """A smooth photo-like JPEG (small file even at 24 MP)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = (x * 255 / width + seed * 37) % 256
+    arr = np.stack([r, y * 255 / height, (x + y) * 127 / (width + height)], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def big_jpeg(seed: int = 0) -> bytes:
+    """24 MP: seconds of real work even for the tiny model (decoding, post-processing
+    and rendering at full size), so tests can catch tasks while they run."""
+    return jpeg(6000, 4000, seed)
