@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench install clean
+.PHONY: run test bench docs loadtest install clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/m2fp bench
+
+loadtest: $(STAMP)
+	$(BIN)/python scripts/loadtest.py
+
+docs: $(STAMP)
+	$(BIN)/python -m m2fp_api.api.docs > openapi.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

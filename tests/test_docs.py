@@ -21,3 +21,11 @@ def test_settings_read_the_environment(monkeypatch):
     monkeypatch.setenv("M2FP_MAX_PIXELS", "1234")
     s = Settings()
     assert s.model == "demo" and s.max_pixels == 1234
+
+
+def test_openapi_md_is_generated_from_the_current_schema():
+    from m2fp_api.api.app import create_app
+    from m2fp_api.api.docs import render
+
+    current = (README.parent / "openapi.md").read_text()
+    assert current == render(create_app(Settings()).openapi()), "run `make docs`"

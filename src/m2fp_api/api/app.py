@@ -14,6 +14,7 @@ from importlib import resources
 import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -52,6 +53,14 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     async def index():
         return HTMLResponse(WEB.joinpath("index.html").read_text())
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _exact_errors(get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
+
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"],
@@ -59,6 +68,23 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
                            expose_headers=["Location", "Retry-After"])
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_upload_mb * 2**20))
     return app
+
+
+def _exact_errors(spec: dict) -> dict:
+    """FastAPI documents a `422 HTTPValidationError` on every route with parameters, but
+    this service answers request validation errors with `400 ErrorBody`: say so."""
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for methods in spec["paths"].values():
+        for op in methods.values():
+            responses = op["responses"]
+            default = responses.get("422", {}).get("content", {}).get("application/json", {})
+            if default.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                del responses["422"]
+                responses.setdefault("400", {"description": "Bad Request",
+                                             "content": {"application/json": {"schema": error_ref}}})
+    for name in ("HTTPValidationError", "ValidationError"):
+        spec.get("components", {}).get("schemas", {}).pop(name, None)
+    return spec
 
 
 class JsonFormatter(logging.Formatter):

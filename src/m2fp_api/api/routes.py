@@ -26,7 +26,11 @@ from .service import MB, Service
 MAX_WAIT_S = 60.0
 POLL_INTERVAL_S = 0.05
 EVENT_POLL_INTERVAL_S = 0.1
-PNG = {"content": {"image/png": {}}}
+# OpenAPI 3.1 marks uploads with contentMediaType only; generators (openapi-python-client
+# among them) recognise a file by `format: binary`, so say both
+BINARY = {"format": "binary"}
+PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+       "description": "PNG image"}
 
 
 def errors(*statuses: int) -> dict:
@@ -118,14 +122,14 @@ async def read_single_upload(request: Request, file: UploadFile) -> bytes:
     return await file.read()
 
 
-@v1.post("/parse", operation_id="submitParse", status_code=202, response_model=Task,
+@v1.post("/parse", tags=["tasks"], operation_id="submitParse", status_code=202, response_model=Task,
          summary="Submit a photo for parsing",
          responses={200: {"model": Task, "description": "finished within `wait`, or cached"},
                     202: {"description": "accepted; poll the Location"},
                     **errors(400, 413, 415, 422, 503)})
 async def submit_parse(
     request: Request,
-    file: Annotated[UploadFile, File(description="JPEG, PNG or WebP photo")],
+    file: Annotated[UploadFile, File(description="JPEG, PNG or WebP photo", json_schema_extra=BINARY)],
     outputs: Annotated[str | None, Form(description="comma list of mask,overlay,labels,parts (default: all)")] = None,
     overlay_alpha: Annotated[float | None, Form(description="overlay opacity 0..1 (default 0.5)")] = None,
     wait: Annotated[float | None, Form(description="seconds (0..60) to wait for the result")] = None,
@@ -145,12 +149,13 @@ async def submit_parse(
                         headers={"Location": f"/v1/tasks/{record.id}"})
 
 
-@v1.post("/batch", operation_id="submitBatch", status_code=202, response_model=TaskList,
+@v1.post("/batch", tags=["tasks"], operation_id="submitBatch", status_code=202, response_model=TaskList,
          summary="Submit several photos; a bad photo fails its own item only",
          responses=errors(400, 413, 503))
 async def submit_batch(
     request: Request,
-    files: Annotated[list[UploadFile], File(description="JPEG, PNG or WebP photos")],
+    files: Annotated[list[UploadFile], File(description="JPEG, PNG or WebP photos",
+                                            json_schema_extra={"items": {"type": "string", **BINARY}})],
     outputs: Annotated[str | None, Form()] = None,
     overlay_alpha: Annotated[float | None, Form()] = None,
 ):
@@ -188,14 +193,14 @@ def get_record(service: Service, task_id: str) -> TaskRecord:
     return record
 
 
-@v1.get("/tasks/{task_id}", operation_id="getTask", response_model=Task, summary="Task status",
+@v1.get("/tasks/{task_id}", tags=["tasks"], operation_id="getTask", response_model=Task, summary="Task status",
         responses=errors(404))
 async def get_task(request: Request, task_id: str) -> Task:
     service = service_of(request)
     return to_task(service, get_record(service, task_id))
 
 
-@v1.get("/tasks/{task_id}/events", operation_id="streamTaskEvents", summary="Task changes as server-sent events",
+@v1.get("/tasks/{task_id}/events", tags=["tasks"], operation_id="streamTaskEvents", summary="Task changes as server-sent events",
         response_class=EventSourceResponse,
         responses={200: {"content": {"text/event-stream": {}},
                          "description": "one `task` event (a Task as JSON) per change, ending at a terminal status"},
@@ -239,32 +244,32 @@ def _output(request: Request, task_id: str, name: str, media_type: str) -> Respo
                              "Cache-Control": "private, max-age=3600"})
 
 
-@v1.get("/tasks/{task_id}/mask.png", operation_id="getMask", response_class=Response,
+@v1.get("/tasks/{task_id}/mask.png", tags=["tasks"], operation_id="getMask", response_class=Response,
         summary="Colourised part map at the photo's size", responses={200: PNG, **errors(404, 409)})
 async def get_mask(request: Request, task_id: str):
     return _output(request, task_id, "mask", "image/png")
 
 
-@v1.get("/tasks/{task_id}/overlay.png", operation_id="getOverlay", response_class=Response,
+@v1.get("/tasks/{task_id}/overlay.png", tags=["tasks"], operation_id="getOverlay", response_class=Response,
         summary="Part map blended over the photo", responses={200: PNG, **errors(404, 409)})
 async def get_overlay(request: Request, task_id: str):
     return _output(request, task_id, "overlay", "image/png")
 
 
-@v1.get("/tasks/{task_id}/labels.png", operation_id="getLabels", response_class=Response,
+@v1.get("/tasks/{task_id}/labels.png", tags=["tasks"], operation_id="getLabels", response_class=Response,
         summary="One channel, pixel value = class id", responses={200: PNG, **errors(404, 409)})
 async def get_labels_png(request: Request, task_id: str):
     return _output(request, task_id, "labels", "image/png")
 
 
-@v1.get("/tasks/{task_id}/parts.json", operation_id="getParts", response_class=Response,
+@v1.get("/tasks/{task_id}/parts.json", tags=["tasks"], operation_id="getParts", response_class=Response,
         summary="The ParseResult as a file",
         responses={200: {"content": {"application/json": {}}}, **errors(404, 409)})
 async def get_parts(request: Request, task_id: str):
     return _output(request, task_id, "parts", "application/json")
 
 
-@v1.delete("/tasks/{task_id}", operation_id="deleteTask", status_code=204, response_class=Response,
+@v1.delete("/tasks/{task_id}", tags=["tasks"], operation_id="deleteTask", status_code=204, response_class=Response,
            summary="Cancel queued or running work and forget results", responses=errors(404))
 async def delete_task(request: Request, task_id: str):
     service = service_of(request)
@@ -279,7 +284,7 @@ async def delete_task(request: Request, task_id: str):
 
 # -- service --------------------------------------------------------------------------
 
-@v1.get("/labels", operation_id="listLabels", response_model=list[Label],
+@v1.get("/labels", tags=["service"], operation_id="listLabels", response_model=list[Label],
         summary="Classes of the loaded model with their colours", responses=errors(503))
 async def list_labels(request: Request) -> list[Label]:
     parser = service_of(request).require_ready()
@@ -288,7 +293,7 @@ async def list_labels(request: Request) -> list[Label]:
     return [Label(id=i, name=n, color=colours[i].tolist()) for i, n in enumerate(names)]
 
 
-@v1.get("/model", operation_id="getModel", response_model=ModelInfoOut,
+@v1.get("/model", tags=["service"], operation_id="getModel", response_model=ModelInfoOut,
         summary="The loaded model and runtime", responses=errors(503))
 async def get_model(request: Request) -> ModelInfoOut:
     import psutil
@@ -305,19 +310,19 @@ async def get_model(request: Request) -> ModelInfoOut:
                         memory_budget_bytes=service.settings.memory_budget_mb * MB)
 
 
-@ops.get("/healthz", operation_id="health", response_model=Health, summary="Alive")
+@ops.get("/healthz", tags=["service"], operation_id="health", response_model=Health, summary="Alive")
 async def healthz() -> Health:
     return Health(status="ok")
 
 
-@ops.get("/readyz", operation_id="ready", response_model=Health,
+@ops.get("/readyz", tags=["service"], operation_id="ready", response_model=Health,
          summary="Model loaded and work accepted", responses=errors(503))
 async def readyz(request: Request) -> Health:
     service_of(request).require_ready()
     return Health(status="ready")
 
 
-@ops.get("/metrics", operation_id="metrics", response_class=Response, summary="Prometheus metrics",
+@ops.get("/metrics", tags=["service"], operation_id="metrics", response_class=Response, summary="Prometheus metrics",
          responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request):
     data = await run_in_threadpool(service_of(request).metrics.render)
