@@ -21,6 +21,7 @@ run: $(STAMP)
 	$(BIN)/m2fp serve
 
 test: $(STAMP)
+	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

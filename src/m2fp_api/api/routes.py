@@ -307,7 +307,9 @@ async def get_model(request: Request) -> ModelInfoOut:
                         pretrained=info.pretrained, backend=info.backend, dtype=info.dtype,
                         threads=info.threads, single_human=info.single_human,
                         slots=service.executor.slots, rss_bytes=psutil.Process().memory_info().rss,
-                        memory_budget_bytes=service.settings.memory_budget_mb * MB)
+                        memory_budget_bytes=service.settings.memory_budget_mb * MB,
+                        max_upload_bytes=int(service.settings.max_upload_mb * MB),
+                        max_pixels=service.settings.max_pixels)
 
 
 @ops.get("/healthz", tags=["service"], operation_id="health", response_model=Health, summary="Alive")

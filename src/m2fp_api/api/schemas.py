@@ -108,6 +108,8 @@ class ModelInfoOut(BaseModel):
     slots: int = Field(description="concurrent inferences")
     rss_bytes: int = Field(description="resident memory of the service process now")
     memory_budget_bytes: int
+    max_upload_bytes: int = Field(description="largest request body accepted")
+    max_pixels: int = Field(description="largest photo accepted, in pixels")
 
 
 class Health(BaseModel):

@@ -1,0 +1,163 @@
+"""The web page in a real headless Chromium (Debian's), against a real uvicorn.
+
+Screenshots go to test-artifacts/web/. Skips only when Chromium is not installed
+(`scripts/ensure-chromium.sh`, run by `make test`, installs it where it can).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import PARITY
+from server import Server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
+PHOTO = PARITY / "images" / "two_figures.png"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian's chromium is not installed (scripts/ensure-chromium.sh)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("web")).wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(params=[(1280, 900), (390, 844)], ids=["desktop", "phone"])
+def page(request, browser, server):
+    width, height = request.param
+    context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.label = request.node.callspec.id
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{page.label}-{name}.png"), full_page=True)
+
+
+def canvas_pixels(page) -> np.ndarray:
+    data = page.eval_on_selector(".card .view", "c => c.toDataURL('image/png')")
+    import base64
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1]))).convert("RGB"))
+
+
+def upload_and_wait(page, path: Path):
+    page.set_input_files("#file-input", str(path))
+    card = page.locator(".card").first
+    card.locator(".status", has_text="Done").wait_for(timeout=60_000)
+    card.locator(".result").wait_for(state="visible")
+    return card
+
+
+def test_upload_progress_overlay_slider_hover_downloads(page, server):
+    # the stand-in model is announced
+    page.locator("#banner", has_text="stand-in").wait_for()
+    assert "random weights" in page.inner_text("#banner")
+    shot(page, "1-empty")
+
+    card = upload_and_wait(page, PHOTO)
+    assert card.locator(".progress").get_attribute("aria-valuenow") == "100"
+    assert "s" in card.locator(".detail").inner_text()  # elapsed time
+    assert not page.locator("#key-box").is_visible()  # no key needed here
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "overflows"
+    shot(page, "2-result")
+
+    # the legend lists the classes present, with their area share
+    legend = card.locator(".legend li")
+    assert legend.count() >= 1
+    assert "%" in legend.first.inner_text()
+
+    # the opacity slider changes the picture
+    before = canvas_pixels(page)
+    card.locator(".opacity").fill("100")
+    after = canvas_pixels(page)
+    assert np.abs(before.astype(int) - after.astype(int)).sum() > 0
+    card.locator('.modes input[value="mask"]').check()
+    mask_view = canvas_pixels(page)
+    card.locator('.modes input[value="original"]').check()
+    original_view = canvas_pixels(page)
+    assert not np.array_equal(mask_view, original_view)
+    card.locator('.modes input[value="overlay"]').check()
+    shot(page, "3-opacity-100")
+
+    # hover a pixel whose class we know from the service's own labels.png
+    task_id = card.locator(".dl-labels").get_attribute("href").split("/")[3]
+    labels = np.asarray(Image.open(io.BytesIO(server.client.get(f"/v1/tasks/{task_id}/labels.png").content)))
+    names = {l["id"]: l["name"] for l in server.client.get("/v1/labels").json()}
+    ys, xs = np.nonzero(labels != 0)
+    i = len(ys) // 2
+    y, x = int(ys[i]), int(xs[i])
+    box = card.locator(".view").bounding_box()
+    h, w = labels.shape
+    page.mouse.move(box["x"] + (x + 0.5) * box["width"] / w, box["y"] + (y + 0.5) * box["height"] / h)
+    tip = card.locator(".tip")
+    tip.wait_for(state="visible")
+    assert tip.inner_text().startswith(names[int(labels[y, x])])
+    shot(page, "4-hover")
+
+    # every download is the real file
+    for cls, check in (("mask", b"\x89PNG"), ("overlay", b"\x89PNG"), ("labels", b"\x89PNG"), ("parts", b"{")):
+        with page.expect_download() as info:
+            card.locator(f".dl-{cls}").click()
+        content = Path(info.value.path()).read_bytes()
+        assert content.startswith(check), cls
+        if cls == "parts":
+            assert json.loads(content)["image"] == {"width": 500, "height": 300}
+
+
+def test_bad_file_shows_a_clear_error(page, tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("this is not a photo")
+    page.set_input_files("#file-input", str(bad))
+    card = page.locator(".card").first
+    error = card.locator(".error")
+    error.wait_for(state="visible", timeout=30_000)
+    assert "JPEG, PNG or WebP" in error.inner_text()
+    assert card.locator(".status").inner_text() == "Refused"
+    shot(page, "5-bad-file")
+
+
+def test_keyboard_opens_the_file_picker(page):
+    page.focus("#drop")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    assert chooser.value.is_multiple()
+
+
+def test_page_is_self_contained(page, server):
+    """No external CDN: every resource the page loads comes from the service itself."""
+    urls: list[str] = []
+    page.on("request", lambda r: urls.append(r.url))
+    page.reload()
+    page.wait_for_load_state("networkidle")
+    assert urls and all(u.startswith(server.url) for u in urls), urls
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
