@@ -83,7 +83,10 @@ def _percentiles(values: list[float]) -> dict:
 def _machine() -> dict:
     from .cli import _cpu_name
 
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    simd = ",".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "simd": simd or "unknown",
+            "python": platform.python_version(),
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)}
 
 
@@ -126,6 +129,11 @@ def main(args) -> int:
                 base_s, base_gb = BASELINE[name]
                 row["latency_vs_baseline"] = row["total_ms"]["p50"] / 1000 / base_s
                 row["peak_rss_vs_baseline"] = row["peak_rss"] / GB / base_gb
+            reference = next((r for r in rows if r["requested_backend"] == "reference"
+                              and r["size"] == name), None)
+            if reference is not None and backend != "reference":
+                # the same-run baseline: ModelScope's formulation on this machine, this run
+                row["latency_vs_reference"] = row["total_ms"]["p50"] / reference["total_ms"]["p50"]
             exact_map = work / f"exact-{name}.npy"
             if backend != "exact" and exact_map.exists():
                 a, b = np.load(exact_map), np.load(spec["map_path"])
@@ -144,16 +152,19 @@ def main(args) -> int:
 
 def _print_table(report: dict) -> None:
     m = report["machine"]
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; "
-          f"{report['runs_per_size']} timed runs per row; times in ms, p50 (p95)\n")
-    head = ("backend", "size", *STAGES, "total", "x baseline", "peak RSS", "x baseline",
-            "idle RSS", "ready", "agree")
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['simd']}; "
+          f"{report['runs_per_size']} timed runs per row; times in ms, p50 (p95)")
+    print("x reference: against ModelScope's formulation measured in this run on this machine; "
+          "x BASELINE.md: against ModelScope's pipeline as measured on the baseline machine\n")
+    head = ("backend", "size", *STAGES, "total", "x reference", "x BASELINE.md", "peak RSS",
+            "x BASELINE.md", "idle RSS", "ready", "agree")
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in report["results"]:
         cells = [f"{r['backend']}", r["size"]]
         cells += [f"{r['stages_ms'][s]['p50']:.0f} ({r['stages_ms'][s]['p95']:.0f})" for s in STAGES]
         cells.append(f"{r['total_ms']['p50']:.0f} ({r['total_ms']['p95']:.0f})")
+        cells.append(f"{r.get('latency_vs_reference', float('nan')):.2f}")
         cells.append(f"{r.get('latency_vs_baseline', float('nan')):.2f}")
         cells.append(f"{r['peak_rss'] / GB:.2f} GB")
         cells.append(f"{r.get('peak_rss_vs_baseline', float('nan')):.2f}")

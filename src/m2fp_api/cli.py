@@ -139,7 +139,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("photos", nargs="+")
     p.add_argument("--out", default="out", help="output directory (default: ./out)")
     p.add_argument("--model", help="hub id, model directory or 'demo' (default: M2FP_MODEL)")
-    p.add_argument("--backend", choices=("exact", "fast"))
+    p.add_argument("--backend", choices=("exact", "fast", "reference"))
     p.add_argument("--outputs", default=",".join(OUTPUTS), help="comma list of " + ",".join(OUTPUTS))
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1")
     p.add_argument("--quiet", action="store_true")
@@ -147,7 +147,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print the model and runtime")
     p.add_argument("--model")
-    p.add_argument("--backend", choices=("exact", "fast"))
+    p.add_argument("--backend", choices=("exact", "fast", "reference"))
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("download", help="fetch hub weights into ModelScope's cache (needs network)")
@@ -164,7 +164,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency and memory on a full-size random checkpoint")
     p.add_argument("--sizes", default="512x512,960x540,1920x1080")
     p.add_argument("--runs", type=int, default=5, help="timed runs per size, after one warm-up")
-    p.add_argument("--backends", default="exact,fast")
+    p.add_argument("--backends", default="reference,exact,fast",
+                   help="reference = ModelScope's formulation: the same-run baseline")
     p.add_argument("--json", dest="json_path", help="also write the results here")
     p.add_argument("--config", help="configuration.json to benchmark (default: bundled R101)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement per process

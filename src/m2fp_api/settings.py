@@ -27,9 +27,11 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(Path("~/.cache/m2fp-api").expanduser(), description=(
         "Where generated stand-in and benchmark checkpoints are kept."))
     threads: int = Field(0, ge=0, description="Torch intra-op threads; 0 = one per core.")
-    backend: Literal["exact", "fast"] = Field("exact", description=(
-        "`exact`: fp32, equal to ModelScope's output. `fast`: bf16 autocast where the CPU "
-        "supports it (falls back to exact otherwise)."))
+    backend: Literal["exact", "fast", "reference"] = Field("exact", description=(
+        "`exact`: fp32, equal to ModelScope's output, with exact rewrites (folded BN, "
+        "channels-last, gathered deformable attention). `fast`: exact plus lower precision "
+        "where the CPU gains from it (falls back to exact otherwise). `reference`: "
+        "ModelScope's own formulation, slower; for comparisons."))
 
     # --- input limits ----------------------------------------------------------------
     max_pixels: int = Field(24_000_000, gt=0, description="Largest photo accepted, in pixels.")

