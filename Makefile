@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned, so nothing later can resolve a different (CUDA) build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,cluster]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/m2fp serve
 
 test: $(STAMP)
-	scripts/ensure-chromium.sh
+	scripts/ensure-test-services.sh
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -136,3 +137,55 @@ def big_jpeg(seed: int = 0) -> bytes:
     """24 MP: seconds of real work even for the tiny model (decoding, post-processing
     and rendering at full size), so tests can catch tasks while they run."""
     return jpeg(6000, 4000, seed)
+
+
+class Redis:
+    """A real redis-server (Debian's) on a free loopback port, no persistence."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> "Redis":
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class Worker:
+    """A real `m2fp worker` (Celery, prefork) against the given Redis."""
+
+    def __init__(self, tmp_path: Path, redis: Redis, **settings) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
+        env.update({"M2FP_BROKER_URL": redis.url, "M2FP_MODEL": TINY_MULTIPLE,
+                    "M2FP_CACHE_DIR": str(tmp_path / "cache"), "M2FP_ALLOW_DOWNLOAD": "false"})
+        env.update({f"M2FP_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
+                    for k, v in settings.items()})
+        self.log_path = tmp_path / f"worker-{free_port()}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "m2fp_api.cli", "worker"], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()

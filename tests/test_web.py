@@ -1,7 +1,7 @@
 """The web page in a real headless Chromium (Debian's), against a real uvicorn.
 
 Screenshots go to test-artifacts/web/. Skips only when Chromium is not installed
-(`scripts/ensure-chromium.sh`, run by `make test`, installs it where it can).
+(`scripts/ensure-test-services.sh`, run by `make test`, installs it where it can).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
 PHOTO = PARITY / "images" / "two_figures.png"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason="Debian's chromium is not installed (scripts/ensure-chromium.sh)")
+                                reason="Debian's chromium is not installed (scripts/ensure-test-services.sh)")
 
 
 @pytest.fixture(scope="module")

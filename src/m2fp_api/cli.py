@@ -131,6 +131,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    from .jobs.celery_worker import main as worker_main
+
+    worker_main()
+    return 0
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="m2fp", description="Multi-person human parsing (M2FP).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -160,6 +167,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--model")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker for cluster mode (needs M2FP_BROKER_URL)")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("bench", help="latency and memory on a full-size random checkpoint")
     p.add_argument("--sizes", default="512x512,960x540,1920x1080")

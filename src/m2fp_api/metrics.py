@@ -12,11 +12,22 @@ from .engine import ParseResult
 STAGE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 
 
+def _or_nan(read: Callable[[], float]) -> Callable[[], float]:
+    """A gauge whose source (Redis, in cluster mode) may be away reads NaN, not an error."""
+    def safe() -> float:
+        try:
+            return read()
+        except Exception:
+            return float("nan")
+    return safe
+
+
 class Metrics:
     def __init__(self, depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
-        Gauge("m2fp_queue_depth", "Tasks waiting for a slot", registry=self.registry).set_function(depth)
-        Gauge("m2fp_in_flight", "Tasks running now", registry=self.registry).set_function(in_flight)
+        Gauge("m2fp_queue_depth", "Tasks waiting for a slot",
+              registry=self.registry).set_function(_or_nan(depth))
+        Gauge("m2fp_in_flight", "Tasks running now", registry=self.registry).set_function(_or_nan(in_flight))
         process = psutil.Process()
         Gauge("m2fp_process_rss_bytes", "Resident memory of the service process",
               registry=self.registry).set_function(lambda: process.memory_info().rss)

@@ -64,6 +64,19 @@ class Settings(BaseSettings):
         "Origins allowed to call the API from a browser (JSON list, e.g. [\"https://a.example\"])."))
     api_key: str | None = Field(None, description=(
         "When set, /v1 requires `Authorization: Bearer KEY` or `X-API-Key: KEY`."))
+
+    # --- scale-out (Celery + Redis) -----------------------------------------------
+    broker_url: str | None = Field(None, description=(
+        "Redis URL of the Celery broker; when set, work goes to `m2fp worker` processes "
+        "instead of the in-process executor."))
+    store_url: str | None = Field(None, description=(
+        "Redis URL of the task store; defaults to the broker URL in cluster mode."))
+    worker_concurrency: int = Field(1, ge=1, description="Worker processes per `m2fp worker` (each loads the model).")
+    worker_max_memory_mb: int = Field(1900, gt=0, description=(
+        "A worker process past this resident memory is replaced after its task."))
+    worker_lost_after_s: float = Field(15, gt=0, description=(
+        "A running task whose worker has not signalled for this long fails (`worker_lost`)."))
+
     log_format: Literal["text", "json"] = Field("text", description="`json`: one JSON object a line, with task ids.")
     log_level: str = Field("INFO", description="Python logging level.")
 

@@ -20,6 +20,7 @@ from ..engine.preprocess import network_size
 from ..errors import BadRequest, M2FPError, NotFound, NotReady
 from ..jobs.models import (OUTPUT_FILES, OUTPUT_NAMES, TaskOptions, TaskRecord, TaskStatus,
                            content_key, new_task_id)
+from ..jobs.store import StoreUnavailable
 from .schemas import ErrorBody, Health, Label, ModelInfoOut, Task, TaskList
 from .service import MB, Service
 
@@ -89,10 +90,10 @@ def to_task(service: Service, record: TaskRecord, cached: bool = False) -> Task:
 
 async def enqueue(service: Service, payload: bytes, options: TaskOptions) -> tuple[TaskRecord, bool]:
     """Admission control, de-duplication, then the queue. Returns (record, cached)."""
-    parser = service.require_ready()
-    _, width, height = probe_image(payload, parser.limits)
-    network_size(width, height, parser.config)  # refuses extreme aspect ratios now, not later
-    key = content_key(payload, options, parser.info.id)
+    model = service.require_ready()
+    _, width, height = probe_image(payload, model.limits)
+    network_size(width, height, model.config)  # refuses extreme aspect ratios now, not later
+    key = content_key(payload, options, model.info.id)
     existing = service.store.find_by_key(key)
     if existing is not None:
         return existing, True
@@ -100,7 +101,7 @@ async def enqueue(service: Service, payload: bytes, options: TaskOptions) -> tup
     service.store.create(record)
     try:
         service.executor.submit(record.id, payload, options)
-    except M2FPError:
+    except (M2FPError, StoreUnavailable):
         service.store.delete(record.id)
         raise
     return record, False
@@ -287,8 +288,7 @@ async def delete_task(request: Request, task_id: str):
 @v1.get("/labels", tags=["service"], operation_id="listLabels", response_model=list[Label],
         summary="Classes of the loaded model with their colours", responses=errors(503))
 async def list_labels(request: Request) -> list[Label]:
-    parser = service_of(request).require_ready()
-    names = parser.config.part_classes
+    names = service_of(request).require_ready().config.part_classes
     colours = render.palette(names)
     return [Label(id=i, name=n, color=colours[i].tolist()) for i, n in enumerate(names)]
 
@@ -299,10 +299,7 @@ async def get_model(request: Request) -> ModelInfoOut:
     import psutil
 
     service = service_of(request)
-    parser = service.parser
-    if parser is None:
-        service.require_ready()
-    info = parser.info
+    info = service.require_ready().info
     return ModelInfoOut(id=info.id, revision=info.revision, classes=list(info.classes),
                         pretrained=info.pretrained, backend=info.backend, dtype=info.dtype,
                         threads=info.threads, single_human=info.single_human,

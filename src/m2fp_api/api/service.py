@@ -11,9 +11,13 @@ import logging
 import threading
 import time
 
+from dataclasses import dataclass
+
 import psutil
 
-from ..engine import HumanParser
+from ..engine import HumanParser, ModelInfo
+from ..engine.images import ImageLimits
+from ..model import M2FPConfig
 from ..errors import M2FPError, ModelUnavailable
 from ..jobs.executor import Draining, InProcessExecutor
 from ..jobs.store import MemoryStore, TaskStore
@@ -52,14 +56,42 @@ def plan_slots(settings: Settings, idle_rss: int) -> int:
     return max(1, fit)
 
 
+@dataclass(frozen=True)
+class RemoteModel:
+    """What the routes need of the model when it lives in the workers (cluster mode):
+    the same `info`, `config` and `limits` a HumanParser has."""
+
+    info: ModelInfo
+    config: M2FPConfig
+    limits: ImageLimits
+
+    @classmethod
+    def from_worker(cls, doc: dict, settings: Settings) -> "RemoteModel":
+        info = doc["info"]
+        info["classes"] = tuple(info["classes"])
+        return cls(ModelInfo(**info), M2FPConfig.from_model_section(doc["model"]),
+                   ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side))
+
+
 class Service:
-    def __init__(self, settings: Settings, store: TaskStore | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = store or MemoryStore(ttl_s=settings.result_ttl_s, max_finished=settings.max_results,
-                                          max_output_bytes=int(settings.max_result_mb * MB))
-        self.executor = InProcessExecutor(
-            self.store, slots=0, queue_size=settings.queue_size,
-            queue_timeout_s=settings.queue_timeout_s, run_timeout_s=settings.run_timeout_s)
+        self.cluster = bool(settings.broker_url)
+        if self.cluster:
+            from ..jobs.celery_app import store_url
+            from ..jobs.celery_executor import CeleryExecutor
+            from ..jobs.redis_store import RedisStore
+
+            self.store: TaskStore = RedisStore(
+                store_url(settings), ttl_s=settings.result_ttl_s, max_finished=settings.max_results,
+                unfinished_ttl_s=settings.queue_timeout_s + settings.run_timeout_s)
+            self.executor = CeleryExecutor(self.store, settings)
+        else:
+            self.store = MemoryStore(ttl_s=settings.result_ttl_s, max_finished=settings.max_results,
+                                     max_output_bytes=int(settings.max_result_mb * MB))
+            self.executor = InProcessExecutor(
+                self.store, slots=0, queue_size=settings.queue_size,
+                queue_timeout_s=settings.queue_timeout_s, run_timeout_s=settings.run_timeout_s)
         self.metrics = Metrics(depth=self.executor.depth, in_flight=self.executor.in_flight)
         self.executor.on_finished = self.metrics.task_finished
         self.parser: HumanParser | None = None
@@ -69,7 +101,10 @@ class Service:
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        threading.Thread(target=self._load, name="m2fp-load", daemon=True).start()
+        if self.cluster:
+            self.executor.start()  # the reaper; the model lives in the workers
+        else:
+            threading.Thread(target=self._load, name="m2fp-load", daemon=True).start()
         threading.Thread(target=self._sweep_loop, name="m2fp-sweep", daemon=True).start()
 
     def _load(self) -> None:
@@ -110,13 +145,15 @@ class Service:
         log.info("drained")
 
     # -- state ----------------------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        return self.parser is not None and not self.executor.draining
-
-    def require_ready(self) -> HumanParser:
+    def require_ready(self) -> HumanParser | RemoteModel:
+        """The model (its info, config and limits), or the error saying why there is none."""
         if self.executor.draining:
             raise Draining("The service is shutting down; try another instance.")
+        if self.cluster:
+            workers = self.executor.workers()  # StoreUnavailable (503) when Redis is away
+            if not workers:
+                raise NotLoaded("No worker is running yet; start `m2fp worker`.")
+            return RemoteModel.from_worker(workers[0], self.settings)
         if self.parser is None:
             if self.load_error is not None:
                 raise self.load_error
