@@ -29,8 +29,8 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="Torch intra-op threads; 0 = one per core.")
     backend: Literal["exact", "fast", "reference"] = Field("exact", description=(
         "`exact`: fp32, equal to ModelScope's output, with exact rewrites (folded BN, "
-        "channels-last, gathered deformable attention). `fast`: exact plus lower precision "
-        "where the CPU gains from it (falls back to exact otherwise). `reference`: "
+        "channels-last, gathered deformable attention). `fast`: exact plus a bf16 backbone "
+        "where the CPU has native bf16 (falls back to exact otherwise). `reference`: "
         "ModelScope's own formulation, slower; for comparisons."))
 
     # --- input limits ----------------------------------------------------------------

@@ -6,20 +6,18 @@ not support it; the chosen backend says what it really is (name, dtype, threads)
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, ContextManager
 
 import torch
 
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # "torch-fp32" or "torch-bf16"
+    name: str  # "torch-fp32", "torch-bf16-backbone" or "torch-fp32-reference"
     dtype: str
     threads: int
-    autocast: Callable[[], ContextManager]
+    level: str  # the network optimisation level (engine.optimize)
 
 
 def cpu_supports_bf16() -> bool:
@@ -39,10 +37,11 @@ def configure_threads(threads: int) -> int:
     return threads
 
 
-def select_backend(requested: str, threads: int) -> Backend:
+def select_backend(requested: str, threads: int, bf16: bool | None = None) -> Backend:
+    """`fast` uses bf16 only where the CPU runs it natively (`bf16` overrides the check);
+    elsewhere it is the exact path, and says so in its name."""
     if requested == "reference":
-        return Backend("torch-fp32-reference", "float32", threads, contextlib.nullcontext)
-    if requested == "fast" and cpu_supports_bf16():
-        return Backend("torch-bf16", "bfloat16", threads,
-                       lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    return Backend("torch-fp32", "float32", threads, contextlib.nullcontext)
+        return Backend("torch-fp32-reference", "float32", threads, "reference")
+    if requested == "fast" and (cpu_supports_bf16() if bf16 is None else bf16):
+        return Backend("torch-bf16-backbone", "bfloat16+float32", threads, "fast")
+    return Backend("torch-fp32", "float32", threads, "exact")

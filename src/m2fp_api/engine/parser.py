@@ -72,7 +72,7 @@ class HumanParser:
                                cache_dir=settings.cache_dir, allow_download=settings.allow_download)
         threads = configure_threads(settings.threads)
         backend = select_backend(settings.backend, threads)
-        network = optimize(load_network(source), "reference" if settings.backend == "reference" else "exact")
+        network = optimize(load_network(source), backend.level)
         return cls(network, source, backend,
                    limits=ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side),
                    chunk_bytes=settings.postprocess_chunk_mb * 2**20, jpeg_draft=settings.jpeg_draft)
@@ -113,7 +113,7 @@ class HumanParser:
         timings["decoding"] = decoded.decode_ms
         inp = prepare(decoded.image, self.config, decoded.original_size)
         stage("inference")
-        with torch.inference_mode(), self.backend.autocast():
+        with torch.inference_mode():
             out = self.network(inp.tensor[None])
         stage("postprocessing")
         with torch.inference_mode():

@@ -51,8 +51,10 @@ class M2FP(nn.Module):
         # not in the checkpoint (ModelScope registers them non-persistent too)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
-        # set by the engine's optimisation when the backbone's weights are channels-last
+        # set by the engine's optimisations: channels-last backbone weights, and the
+        # backbone run under bf16 autocast (the heads stay fp32: they are the sensitive part)
         self.channels_last = False
+        self.backbone_bf16 = False
 
     def forward(self, images: torch.Tensor) -> NetworkOutput:
         """images: (B, 3, H, W) RGB in 0..255, all the same size."""
@@ -64,8 +66,9 @@ class M2FP(nn.Module):
         x = F.pad(x, (0, pw - w, 0, ph - h), value=0.0)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(x)
-        if self.channels_last:  # the decoders flatten spatial dims: give them NCHW
-            features = {k: v.contiguous() for k, v in features.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.backbone_bf16):
+            features = self.backbone(x)
+        if self.channels_last or self.backbone_bf16:  # the heads want NCHW float32
+            features = {k: v.float().contiguous() for k, v in features.items()}
         logits, masks = self.sem_seg_head(features)
         return NetworkOutput(pred_logits=logits, pred_masks=masks, padded_size=(ph, pw))
