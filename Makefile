@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned, so nothing later can resolve a different (CUDA) build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,cluster]'
+	# [hub]: ModelScope's downloader, so the default hub model can be fetched where the network allows
+	$(BIN)/pip install --quiet -e '.[test,cluster,hub]'
 	touch $(STAMP)
 
 install: $(STAMP)

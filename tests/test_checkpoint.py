@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from importlib import metadata
 
 import pytest
@@ -19,19 +20,44 @@ from m2fp_api.errors import ModelUnavailable
 from m2fp_api.settings import HUB_MULTIPLE, HUB_SINGLE
 
 
-def test_hub_id_without_cache_or_downloader_says_how_to_provide_weights(tmp_path, monkeypatch):
+HINTS = ("M2FP_MODEL=/path/to/dir", "M2FP_MODEL=demo", "m2fp download", "configuration.json")
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HOME", str(tmp_path))
+
+
+def test_hub_id_without_cache_or_downloader_says_how_to_provide_weights(tmp_path, monkeypatch,
+                                                                        empty_caches):
+    # the downloader is not importable (as without the [hub] extra)
+    monkeypatch.setitem(sys.modules, "modelscope.hub.snapshot_download", None)
     with pytest.raises(ModelUnavailable) as info:
         resolve_model(HUB_MULTIPLE, cache_dir=tmp_path, allow_download=True)
-    message = info.value.message
-    for hint in ("M2FP_MODEL=/path/to/dir", "M2FP_MODEL=demo", "m2fp download", "configuration.json"):
-        assert hint in message
+    assert "not installed" in info.value.message
+    assert all(hint in info.value.message for hint in HINTS)
 
 
-def test_download_can_be_disabled(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setenv("HOME", str(tmp_path))
+def test_failed_download_says_how_to_provide_weights(tmp_path, monkeypatch, empty_caches):
+    """The downloader is replaced by one that fails as it does without network: tests
+    never reach a model hub."""
+    fake = types.ModuleType("modelscope.hub.snapshot_download")
+
+    def snapshot_download(model_id, revision=None):
+        raise ConnectionError("no route to host")
+
+    fake.snapshot_download = snapshot_download
+    for parent in ("modelscope", "modelscope.hub"):
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    monkeypatch.setitem(sys.modules, "modelscope.hub.snapshot_download", fake)
+    with pytest.raises(ModelUnavailable) as info:
+        resolve_model(HUB_MULTIPLE, cache_dir=tmp_path, allow_download=True)
+    assert "download failed (ConnectionError)" in info.value.message
+    assert all(hint in info.value.message for hint in HINTS)
+
+
+def test_download_can_be_disabled(tmp_path, empty_caches):
     with pytest.raises(ModelUnavailable, match="downloading is disabled"):
         resolve_model(HUB_SINGLE, cache_dir=tmp_path, allow_download=False)
 

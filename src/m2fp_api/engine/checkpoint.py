@@ -108,12 +108,7 @@ def resolve_model(spec: str, *, revision: str | None = None, cache_dir: Path,
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        # mmap keeps the file's pages shared and out of the private heap
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # legacy (non-zip) checkpoints cannot be memory-mapped
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ModelUnavailable(f"{WEIGHTS_FILE} does not hold a state dict.")
@@ -127,7 +122,10 @@ def load_network(source: ModelSource) -> M2FP:
     """Build the network from the directory's configuration and load its weights strictly."""
     configuration = read_configuration(source.path)
     cfg = M2FPConfig.from_model_section(configuration["model"])
-    network = M2FP(cfg)
+    # built on the meta device and given the checkpoint's tensors as they are: no random
+    # initialisation to throw away, no second copy of the weights
+    with torch.device("meta"):
+        network = M2FP(cfg)
     try:
         state = _load_state_dict(source.path / WEIGHTS_FILE)
     except ModelUnavailable:
@@ -136,7 +134,7 @@ def load_network(source: ModelSource) -> M2FP:
         raise ModelUnavailable(f"{WEIGHTS_FILE} of {source.id!r} could not be read "
                                f"({type(exc).__name__}).") from exc
     try:
-        result = network.load_state_dict(state, strict=False)
+        result = network.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # a tensor of the wrong shape
         raise ModelUnavailable(
             f"The weights of {source.id!r} do not fit its {CONFIG_FILE}: {str(exc)[:300]}") from exc
@@ -145,4 +143,5 @@ def load_network(source: ModelSource) -> M2FP:
             f"The weights of {source.id!r} do not fit its {CONFIG_FILE}: "
             f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[:3]}), "
             f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}).")
+    network.register_pixel_statistics()
     return network.eval()

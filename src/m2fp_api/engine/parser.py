@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 
 from ..model import M2FP, M2FPConfig
 from ..settings import HUB_MULTIPLE, Settings
 from .backends import Backend, configure_threads, select_backend
 from .checkpoint import ModelSource, load_network, resolve_model
-from .optimize import optimize
 from .images import DecodedImage, ImageInput, ImageLimits, decode_image
+from .memory import release_free_memory
+from .optimize import optimize
 from .postprocess import DEFAULT_CHUNK_BYTES, parse_multiple, parse_single
 from .preprocess import DRAFT_MIN_SIDE, prepare
 from .result import ParseResult
@@ -128,5 +128,9 @@ class HumanParser:
         return self.parse(image).to_modelscope()
 
     def warm_up(self) -> None:
-        """One small parse so the first real request does not pay for lazy initialisation."""
-        self.parse(Image.new("RGB", (64, 64), (128, 128, 128)))
+        """Run the whole pipeline once on a small input so the first real request does not
+        pay for lazy initialisation (thread pools, kernels, allocator). The network is fed
+        a 128 px input directly: a photo would be resized to 640 px, a full inference."""
+        with torch.inference_mode():
+            self.network(torch.full((1, 3, 128, 128), 128.0))
+        release_free_memory()

@@ -11,6 +11,7 @@ from typing import Callable
 
 from .. import render
 from ..engine import HumanParser, ParseResult
+from ..engine.memory import release_free_memory
 from ..errors import M2FPError
 from ..schemas import ModelRef, ParseResultOut
 from .models import Stage, TaskOptions, TaskStatus
@@ -103,6 +104,7 @@ def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes
         log.exception("task failed unexpectedly", extra={"task_id": task_id})
         _fail(store, task_id, "internal_error", "The task failed unexpectedly.")
     finally:
+        release_free_memory()  # the task's full-size temporaries: back to the OS
         if on_finished is not None:
             on_finished(status.value, result if status is TaskStatus.succeeded else None)
 

@@ -48,13 +48,17 @@ class M2FP(nn.Module):
         self.config = cfg
         self.backbone = DeepLabResNet(cfg.backbone)
         self.sem_seg_head = Head(cfg, self.backbone.channels, self.backbone.strides)
-        # not in the checkpoint (ModelScope registers them non-persistent too)
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_pixel_statistics()
         # set by the engine's optimisations: channels-last backbone weights, and the
         # backbone run under bf16 autocast (the heads stay fp32: they are the sensitive part)
         self.channels_last = False
         self.backbone_bf16 = False
+
+    def register_pixel_statistics(self) -> None:
+        """Normalisation constants; not in the checkpoint (ModelScope registers them
+        non-persistent too), so they are set again after loading onto a meta-built net."""
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> NetworkOutput:
         """images: (B, 3, H, W) RGB in 0..255, all the same size."""
