@@ -141,3 +141,21 @@ def test_ttl_survives_status_updates(tmp_path, redis):
     finally:
         api.stop()
         worker.stop()
+
+
+def test_worker_process_is_replaced_past_its_memory_bound(tmp_path, redis):
+    """Celery replaces a process that ended a task over M2FP_WORKER_MAX_MEMORY_MB (here
+    1 MB: every process is over it), and the new process loads the model again."""
+    worker = Worker(tmp_path, redis, worker_max_memory_mb=1)
+    api = Server(tmp_path, broker_url=redis.url).wait_ready()
+    try:
+        before = set(worker.children())
+        assert api.submit(jpeg(100, 80, seed=70), wait=60).json()["status"] == "succeeded"
+        end = time.monotonic() + 60
+        while time.monotonic() < end and (not worker.children() or set(worker.children()) == before):
+            time.sleep(0.2)
+        assert worker.children() and set(worker.children()) != before
+        assert api.submit(jpeg(100, 80, seed=71), wait=60).json()["status"] == "succeeded"
+    finally:
+        api.stop()
+        worker.stop()
