@@ -43,7 +43,9 @@ def test_killed_worker_fails_its_task_not_running_forever(tmp_path, redis):
             os.kill(pid, signal.SIGKILL)
         failed = api.wait_status(task["id"], ("succeeded", "failed"), timeout=30)
         assert failed["status"] == "failed" and failed["error"]["code"] == "worker_lost"
-        # Celery replaces the killed process; the service goes on
+        # Celery replaces the killed process; until the new one has loaded the model
+        # there is no worker and the API says 503 not_ready, then the service goes on
+        api.wait_ready(60)
         assert api.submit(jpeg(120, 90, seed=32), wait=60).json()["status"] == "succeeded"
     finally:
         api.stop()
