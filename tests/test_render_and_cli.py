@@ -94,4 +94,5 @@ def test_cli_info(tmp_path):
         capture_output=True, text=True, check=True)
     doc = json.loads(proc.stdout)
     assert doc["model"]["single_human"] is True and doc["model"]["pretrained"] is False
+    assert doc["model"]["label_set"] == "LIP"
     assert doc["runtime"]["backend"] == "torch-fp32" and doc["runtime"]["threads"] >= 1

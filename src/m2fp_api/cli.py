@@ -76,11 +76,14 @@ def cmd_parse(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
+    from .render import label_set
+
     parser = _parser_from_args(args)
     info = parser.info
     doc = {
         "model": {"id": info.id, "revision": info.revision, "pretrained": info.pretrained,
-                  "single_human": info.single_human, "classes": list(info.classes),
+                  "single_human": info.single_human, "label_set": label_set(info.classes),
+                  "classes": list(info.classes),
                   "path": str(parser.source.path)},
         "runtime": {"backend": info.backend, "dtype": info.dtype, "threads": info.threads,
                     "torch": torch.__version__, "python": platform.python_version(),

@@ -25,16 +25,12 @@ WORKERS = "m2fp:worker:*"
 HARD_LIMIT_GRACE_S = 30
 
 
-def broker_url(settings: Settings) -> str:
-    return settings.broker_url
-
-
 def store_url(settings: Settings) -> str:
     return settings.store_url or settings.broker_url
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("m2fp", broker=broker_url(settings))
+    app = Celery("m2fp", broker=settings.broker_url)
     app.conf.update(
         task_default_queue=QUEUE,
         task_ignore_result=True,

@@ -25,7 +25,7 @@ from ..settings import Settings
 from .celery_app import ALIVE, PAYLOAD, QUEUED, RUNNING, STOP, TASK_NAME, WORKERS, make_celery
 from .executor import Draining, QueueFull
 from .models import TaskOptions, TaskStatus
-from .redis_store import RedisStore, _guard
+from .redis_store import RedisStore, unavailable_on_redis_errors
 from .store import StoreUnavailable
 from .work import ABANDON_MESSAGES
 
@@ -62,7 +62,7 @@ class CeleryExecutor:
         return len(self.workers())
 
     # -- interface ------------------------------------------------------------------
-    @_guard
+    @unavailable_on_redis_errors
     def submit(self, task_id: str, payload: bytes, options: TaskOptions) -> None:
         if self._draining:
             raise Draining("The service is shutting down; try another instance.")
@@ -81,7 +81,7 @@ class CeleryExecutor:
             self.redis.zrem(QUEUED, task_id)
             raise StoreUnavailable("broker unreachable") from None
 
-    @_guard
+    @unavailable_on_redis_errors
     def cancel(self, task_id: str) -> None:
         if self.store.update(task_id, if_status=(TaskStatus.queued,), status=TaskStatus.cancelled,
                              finished_at=time.time()):
@@ -91,23 +91,23 @@ class CeleryExecutor:
             self.redis.set(STOP.format(task_id), "cancelled", nx=True,
                            px=int(self.settings.run_timeout_s * 2000))
 
-    @_guard
+    @unavailable_on_redis_errors
     def queue_position(self, task_id: str) -> int | None:
         rank = self.redis.zrank(QUEUED, task_id)
         return None if rank is None else rank + 1
 
-    @_guard
+    @unavailable_on_redis_errors
     def depth(self) -> int:
         return self.redis.zcard(QUEUED)
 
-    @_guard
+    @unavailable_on_redis_errors
     def in_flight(self) -> int:
         return self.redis.scard(RUNNING)
 
     def retry_after_s(self) -> int:
         return max(1, int(self.redis.zcard(QUEUED) * 2 / max(1, self.slots)) + 1)
 
-    @_guard
+    @unavailable_on_redis_errors
     def workers(self) -> list[dict]:
         keys = list(self.redis.scan_iter(WORKERS, count=100))
         docs = self.redis.mget(keys) if keys else []
@@ -123,7 +123,7 @@ class CeleryExecutor:
             except Exception:
                 log.warning("reaper failed", exc_info=True)
 
-    @_guard
+    @unavailable_on_redis_errors
     def reap(self) -> None:
         now = time.time()
         for raw in self.redis.zrangebyscore(QUEUED, 0, now - self.settings.queue_timeout_s):

@@ -10,6 +10,7 @@ or out of memory becomes `StoreUnavailable` (HTTP 503), never a 500.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -21,7 +22,9 @@ from .store import StoreUnavailable
 P = "m2fp:"
 
 
-def _guard(fn):
+def unavailable_on_redis_errors(fn):
+    """Redis unreachable, loading, out of memory or read-only -> StoreUnavailable (503)."""
+    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -31,8 +34,6 @@ def _guard(fn):
             if "OOM" in str(exc) or "MISCONF" in str(exc) or "READONLY" in str(exc):
                 raise StoreUnavailable("store refused the write") from None
             raise
-    wrapped.__name__ = fn.__name__
-    wrapped.__doc__ = fn.__doc__
     return wrapped
 
 
@@ -55,7 +56,7 @@ class RedisStore:
         return json.dumps(record.to_dict())
 
     # -- interface --------------------------------------------------------------------
-    @_guard
+    @unavailable_on_redis_errors
     def create(self, record: TaskRecord) -> None:
         ttl = self._ttl_ms(record)
         pipe = self.redis.pipeline()
@@ -65,12 +66,12 @@ class RedisStore:
             pipe.zadd(P + "finished", {record.id: record.finished_at or time.time()})
         pipe.execute()
 
-    @_guard
+    @unavailable_on_redis_errors
     def get(self, task_id: str) -> TaskRecord | None:
         raw = self.redis.get(P + f"task:{task_id}")
         return TaskRecord.from_dict(json.loads(raw)) if raw else None
 
-    @_guard
+    @unavailable_on_redis_errors
     def update(self, task_id: str, *, if_status: tuple[TaskStatus, ...] | None = None,
                **changes) -> TaskRecord | None:
         key = P + f"task:{task_id}"
@@ -107,7 +108,7 @@ class RedisStore:
             self._enforce_bound()
         return record
 
-    @_guard
+    @unavailable_on_redis_errors
     def put_outputs(self, task_id: str, outputs: dict[str, bytes]) -> None:
         record = self.get(task_id)
         if record is None:
@@ -118,11 +119,11 @@ class RedisStore:
             pipe.set(P + f"out:{task_id}:{name}", data, px=ttl)
         pipe.execute()
 
-    @_guard
+    @unavailable_on_redis_errors
     def get_output(self, task_id: str, name: str) -> bytes | None:
         return self.redis.get(P + f"out:{task_id}:{name}")
 
-    @_guard
+    @unavailable_on_redis_errors
     def delete(self, task_id: str) -> None:
         record = self.get(task_id)
         pipe = self.redis.pipeline()
@@ -133,7 +134,7 @@ class RedisStore:
             pipe.delete(P + f"key:{record.key}")
         pipe.execute()
 
-    @_guard
+    @unavailable_on_redis_errors
     def find_by_key(self, key: str) -> TaskRecord | None:
         task_id = self.redis.get(P + f"key:{key}")
         record = self.get(task_id.decode()) if task_id else None
@@ -141,7 +142,7 @@ class RedisStore:
             return None
         return record
 
-    @_guard
+    @unavailable_on_redis_errors
     def sweep(self) -> int:
         """Keys expire by themselves; this only trims the index of finished tasks."""
         return self.redis.zremrangebyscore(P + "finished", 0, time.time() - self.ttl_s)
@@ -152,6 +153,6 @@ class RedisStore:
             for task_id, _ in self.redis.zpopmin(P + "finished", excess):
                 self.delete(task_id.decode())
 
-    @_guard
+    @unavailable_on_redis_errors
     def ping(self) -> None:
         self.redis.ping()

@@ -122,11 +122,6 @@ class MemoryStore:
                 self._forget(task_id)
             return len(expired)
 
-    # -- facts for metrics and tests ---------------------------------------------------
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {"tasks": len(self._tasks), "output_bytes": self._output_bytes}
-
     # -- internals (lock held) --------------------------------------------------------
     def _live(self, task_id: str) -> TaskRecord | None:
         record = self._tasks.get(task_id)
