@@ -4,7 +4,6 @@ that `/openapi.json` generates working SDKs."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from enum import Enum
 
 from pydantic import BaseModel, Field
 
@@ -21,24 +20,6 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class TaskStatusOut(str, Enum):
-    queued = TaskStatus.queued.value
-    running = TaskStatus.running.value
-    succeeded = TaskStatus.succeeded.value
-    failed = TaskStatus.failed.value
-    cancelled = TaskStatus.cancelled.value
-
-
-class StageOut(str, Enum):
-    queued = Stage.queued.value
-    decoding = Stage.decoding.value
-    preprocessing = Stage.preprocessing.value
-    inference = Stage.inference.value
-    postprocessing = Stage.postprocessing.value
-    rendering = Stage.rendering.value
-    done = Stage.done.value
-
-
 class TaskLinks(BaseModel):
     self: str
     events: str
@@ -50,8 +31,8 @@ class TaskLinks(BaseModel):
 
 class Task(BaseModel):
     id: str
-    status: TaskStatusOut
-    stage: StageOut
+    status: TaskStatus
+    stage: Stage
     progress: float = Field(ge=0, le=1)
     queue_position: int | None = Field(None, description="1 = next to run; only while queued")
     created_at: datetime
@@ -71,7 +52,7 @@ class Task(BaseModel):
         if record.status is TaskStatus.succeeded:
             links.update({name: f"{base}/{OUTPUT_FILES[name]}" for name in record.options.outputs})
         return cls(
-            id=record.id, status=TaskStatusOut(record.status.value), stage=StageOut(record.stage.value),
+            id=record.id, status=record.status, stage=record.stage,
             progress=round(record.progress, 4),
             queue_position=queue_position if record.status is TaskStatus.queued else None,
             created_at=_time(record.created_at), started_at=_time(record.started_at),
