@@ -87,6 +87,11 @@ def gather_and_weight(
     return bags.view(batch, queries, heads * dim)
 
 
+# queries sampled at once: bounds the gather's index and weight temporaries (48 taps per
+# query and head) to tens of MB whatever the image size; results do not depend on it
+QUERY_CHUNK = 4096
+
+
 class MSDeformAttn(nn.Module):
     def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int) -> None:
         super().__init__()
@@ -108,15 +113,23 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: list[tuple[int, int]],
     ) -> torch.Tensor:
         """query (B, Q, C); reference_points (B, Q, levels, 2); input_flatten (B, S, C)."""
-        batch, queries, _ = query.shape
-        heads, levels, points = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(input_flatten).view(batch, -1, heads, self.d_model // heads)
-        offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
-        weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
+        heads = self.n_heads
+        value = self.value_proj(input_flatten).view(input_flatten.shape[0], -1, heads, self.d_model // heads)
         # offsets are in pixels of each level: normalise by (W, H)
         normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype,
                                   device=query.device)
+        sampled = [
+            self._sample_chunk(q, r, value, spatial_shapes, normalizer)
+            for q, r in zip(query.split(QUERY_CHUNK, dim=1), reference_points.split(QUERY_CHUNK, dim=1))
+        ]
+        return self.output_proj(torch.cat(sampled, dim=1) if len(sampled) > 1 else sampled[0])
+
+    def _sample_chunk(self, query, reference_points, value, spatial_shapes, normalizer):
+        batch, queries, _ = query.shape
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
+        weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
         locations = (reference_points[:, :, None, :, None, :]
                      + offsets / normalizer[None, None, None, :, None, :])
-        return self.output_proj(self.sample(value, spatial_shapes, locations, weights))
+        return self.sample(value, spatial_shapes, locations, weights)
