@@ -115,6 +115,8 @@ class HumanParser:
         stage("inference")
         with torch.inference_mode():
             out = self.network(inp.tensor[None])
+        # the network's freed activations: back to the OS before the full-size maps
+        release_free_memory()
         stage("postprocessing")
         with torch.inference_mode():
             post = parse_single if self.config.single_human else parse_multiple

@@ -15,6 +15,9 @@ from .layers import ConvNorm, sine_position_embedding
 
 # the transformer decoder always reads three scales
 NUM_DECODER_LEVELS = 3
+# tokens through the feed-forward at once: its hidden layer is 4x wider than the tokens,
+# the largest live tensor of the encoder; rows are independent, so this is exact
+FFN_CHUNK = 4096
 
 
 class EncoderLayer(nn.Module):
@@ -28,7 +31,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, src, pos, reference_points, spatial_shapes):
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        return torch.cat([self.norm2(part + self.linear2(F.relu(self.linear1(part))))
+                          for part in src.split(FFN_CHUNK, dim=1)], dim=1)
 
 
 class Encoder(nn.Module):
@@ -98,13 +102,18 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 channels[f], conv_dim, kernel_size=1, bias=False, norm=nn.GroupNorm(32, conv_dim)))
             self.add_module(f"layer_{idx + 1}", ConvNorm(
                 conv_dim, conv_dim, kernel_size=3, padding=1, bias=False,
-                norm=nn.GroupNorm(32, conv_dim), activation=F.relu))
+                # in place: its input is the norm's fresh output (saves a full map)
+                norm=nn.GroupNorm(32, conv_dim), activation=F.relu_))
 
     def forward(self, features: dict[str, torch.Tensor]):
-        """Returns (mask_features at the finest stride, [3 scales for the decoder])."""
+        """Returns (mask_features at the finest stride, [3 scales for the decoder]).
+
+        Consumes `features`: a level is removed from the dict once it is no longer needed,
+        so its memory is freed during the encoder rather than after the whole head.
+        """
         srcs, pos = [], []
         for proj, f in zip(self.input_proj, reversed(self.transformer_in_features)):
-            x = features[f].float()
+            x = features[f].float() if f in self.fpn_features else features.pop(f).float()
             srcs.append(proj(x))
             pos.append(sine_position_embedding(x.shape[0], x.shape[2], x.shape[3],
                                                self.conv_dim // 2,
@@ -119,7 +128,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for idx in reversed(range(self.num_fpn_levels)):
             x = features[self.fpn_features[idx]].float()
             lateral = getattr(self, f"adapter_{idx + 1}")(x)
-            y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear",
-                                        align_corners=False)
-            outs.append(getattr(self, f"layer_{idx + 1}")(y))
+            lateral += F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear",
+                                     align_corners=False)
+            outs.append(getattr(self, f"layer_{idx + 1}")(lateral))
         return self.mask_features(outs[-1]), outs[:NUM_DECODER_LEVELS]
