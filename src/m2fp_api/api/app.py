@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -22,10 +23,11 @@ from .. import __version__
 from ..settings import Settings
 from . import errors
 from .limits import BodySizeLimit
-from .routes import ops, v1
+from .routes import EVENT_POLL_INTERVAL_S, ops, v1
 from .service import Service
 
 log = logging.getLogger("m2fp.api")
+STREAM_FLUSH_S = 5 * EVENT_POLL_INTERVAL_S
 WEB = resources.files("m2fp_api").joinpath("web")
 
 
@@ -130,6 +132,9 @@ class DrainingServer(uvicorn.Server):
 
         def drain_then_exit() -> None:
             self.service.drain()
+            # open event streams close when the server exits: give them a few polls to
+            # deliver the terminal statuses the drain just produced
+            time.sleep(STREAM_FLUSH_S)
             self.should_exit = True
 
         threading.Thread(target=drain_then_exit, name="m2fp-drain", daemon=True).start()
