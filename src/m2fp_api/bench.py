@@ -18,8 +18,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 BENCH_SEED = 1234
 # ModelScope's own pipeline on this kind of machine (2-core Zen 5), from BASELINE.md:
@@ -30,7 +34,7 @@ STAGES = ("decoding", "preprocessing", "inference", "postprocessing")
 GB = 1e9
 
 
-def _photo(width: int, height: int) -> "Image.Image":
+def _photo(width: int, height: int) -> Image.Image:
     """The astronaut photo from the shared folder when it is there, else a synthetic one."""
     from PIL import Image
 
@@ -81,11 +85,9 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def _machine() -> dict:
-    from .cli import _cpu_name
+    from .engine.backends import cpu_name, cpu_simd
 
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    simd = ",".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "simd": simd or "unknown",
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "simd": ",".join(cpu_simd()) or "unknown",
             "python": platform.python_version(),
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)}
 

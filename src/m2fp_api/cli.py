@@ -76,6 +76,7 @@ def cmd_parse(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
+    from .engine.backends import cpu_name
     from .render import label_set
 
     parser = _parser_from_args(args)
@@ -87,20 +88,10 @@ def cmd_info(args) -> int:
                   "path": str(parser.source.path)},
         "runtime": {"backend": info.backend, "dtype": info.dtype, "threads": info.threads,
                     "torch": torch.__version__, "python": platform.python_version(),
-                    "machine": platform.machine(), "processor": _cpu_name()},
+                    "machine": platform.machine(), "processor": cpu_name()},
     }
     print(json.dumps(doc, indent=2))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cmd_download(args) -> int:

@@ -21,6 +21,7 @@ from ..errors import BadRequest, M2FPError, NotFound, NotReady
 from ..jobs.models import (OUTPUT_FILES, OUTPUT_NAMES, TaskOptions, TaskRecord, TaskStatus,
                            content_key, new_task_id)
 from ..jobs.store import StoreUnavailable
+from ..jobs.work import fail_task
 from .schemas import ErrorBody, Health, Label, ModelInfoOut, Task, TaskList
 from .service import MB, Service
 
@@ -177,12 +178,10 @@ async def submit_batch(
 
 def _failed_record(service: Service, options: TaskOptions, exc: M2FPError) -> TaskRecord:
     """A refused batch item is still a task the client can read, failed from the start."""
-    now = time.time()
-    record = TaskRecord(id=new_task_id(), options=options, key=f"refused:{new_task_id()}",
-                        status=TaskStatus.failed, error_code=exc.code, error_message=exc.message,
-                        finished_at=now, expires_at=now + service.settings.result_ttl_s)
+    record = TaskRecord(id=new_task_id(), options=options, key=f"refused:{new_task_id()}")
     service.store.create(record)
-    return record
+    fail_task(service.store, record.id, exc.code, exc.message)
+    return service.store.get(record.id) or record
 
 
 # -- polling and results ---------------------------------------------------------------

@@ -7,6 +7,7 @@ not support it; the chosen backend says what it really is (name, dtype, threads)
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +21,29 @@ class Backend:
     level: str  # the network optimisation level (engine.optimize)
 
 
+def _cpuinfo() -> str:
+    try:
+        return open("/proc/cpuinfo").read()
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def cpu_simd() -> tuple[str, ...]:
+    """The vector extensions that matter here, as the kernel reports them."""
+    flags = _cpuinfo()
+    return tuple(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
+
+
 def cpu_supports_bf16() -> bool:
     """bf16 only pays off with native instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_simd()))
 
 
 def configure_threads(threads: int) -> int:

@@ -27,7 +27,7 @@ from .executor import Draining, QueueFull
 from .models import TaskOptions, TaskStatus
 from .redis_store import RedisStore, unavailable_on_redis_errors
 from .store import StoreUnavailable
-from .work import ABANDON_MESSAGES
+from .work import ABANDON_MESSAGES, fail_task
 
 log = logging.getLogger("m2fp.cluster")
 REAP_INTERVAL_S = 0.5
@@ -128,7 +128,7 @@ class CeleryExecutor:
         now = time.time()
         for raw in self.redis.zrangebyscore(QUEUED, 0, now - self.settings.queue_timeout_s):
             task_id = raw.decode()
-            self._fail(task_id, (TaskStatus.queued,), "timeout", ABANDON_MESSAGES["timeout"])
+            fail_task(self.store, task_id, "timeout", ABANDON_MESSAGES["timeout"], (TaskStatus.queued,))
             self.redis.zrem(QUEUED, task_id)
             self.redis.delete(PAYLOAD.format(task_id))
         for raw in self.redis.smembers(RUNNING):
@@ -139,12 +139,8 @@ class CeleryExecutor:
                 continue
             if not self.redis.exists(ALIVE.format(task_id)):
                 # killed, also between taking the task and marking it running
-                self._fail(task_id, (TaskStatus.queued, TaskStatus.running), "worker_lost", WORKER_LOST)
+                fail_task(self.store, task_id, "worker_lost", WORKER_LOST)
                 self.redis.srem(RUNNING, task_id)
             elif record.status is TaskStatus.running and record.started_at and now - record.started_at > self.settings.run_timeout_s:
-                self._fail(task_id, (TaskStatus.running,), "timeout", ABANDON_MESSAGES["timeout"])
+                fail_task(self.store, task_id, "timeout", ABANDON_MESSAGES["timeout"], (TaskStatus.running,))
                 self.redis.set(STOP.format(task_id), "timeout", px=int(self.settings.run_timeout_s * 2000))
-
-    def _fail(self, task_id: str, expected, code: str, message: str) -> None:
-        self.store.update(task_id, if_status=expected, status=TaskStatus.failed, error_code=code,
-                          error_message=message, finished_at=time.time())

@@ -25,7 +25,7 @@ from .celery_app import (ALIVE, PAYLOAD, QUEUE, QUEUED, RUNNING, STOP, TASK_NAME
                          store_url)
 from .models import TaskOptions, TaskStatus
 from .redis_store import RedisStore
-from .work import run_task
+from .work import fail_task, run_task
 
 log = logging.getLogger("m2fp.worker")
 HEARTBEAT_S = 2.0
@@ -86,8 +86,8 @@ def parse(task_id: str, options: dict) -> None:
 
     try:
         if payload is None:  # cancelled, timed out or expired while queued
-            store.update(task_id, if_status=(TaskStatus.queued,), status=TaskStatus.failed,
-                         error_code="timeout", error_message="The upload expired before a worker took it.")
+            fail_task(store, task_id, "timeout", "The upload expired before a worker took it.",
+                      (TaskStatus.queued,))
             return
         run_task(_state["parser"], store, task_id, payload,
                  TaskOptions(outputs=tuple(options["outputs"]), overlay_alpha=options["overlay_alpha"]),

@@ -20,7 +20,7 @@ from ..engine import HumanParser, ParseResult
 from ..errors import M2FPError
 from .models import TaskOptions, TaskStatus
 from .store import TaskStore
-from .work import ABANDON_MESSAGES, run_task
+from .work import ABANDON_MESSAGES, fail_task, run_task
 
 log = logging.getLogger("m2fp.executor")
 
@@ -161,9 +161,7 @@ class InProcessExecutor:
 
     # -- internals ------------------------------------------------------------------
     def _fail(self, task_id: str, reason: str) -> None:
-        self.store.update(task_id, if_status=(TaskStatus.queued, TaskStatus.running),
-                          status=TaskStatus.failed, error_code=reason,
-                          error_message=ABANDON_MESSAGES[reason], finished_at=time.time())
+        fail_task(self.store, task_id, reason, ABANDON_MESSAGES[reason])
 
     def _work_loop(self) -> None:
         while True:

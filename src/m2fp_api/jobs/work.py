@@ -95,20 +95,22 @@ def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes
             status = TaskStatus.cancelled
             store.update(task_id, status=TaskStatus.cancelled, finished_at=time.time())
         else:
-            _fail(store, task_id, stop.reason, ABANDON_MESSAGES[stop.reason])
+            fail_task(store, task_id, stop.reason, ABANDON_MESSAGES[stop.reason])
     except M2FPError as exc:
-        _fail(store, task_id, exc.code, exc.message)
+        fail_task(store, task_id, exc.code, exc.message)
     except MemoryError:
-        _fail(store, task_id, "out_of_memory", "The photo needed more memory than the service has.")
+        fail_task(store, task_id, "out_of_memory", "The photo needed more memory than the service has.")
     except Exception:
         log.exception("task failed unexpectedly", extra={"task_id": task_id})
-        _fail(store, task_id, "internal_error", "The task failed unexpectedly.")
+        fail_task(store, task_id, "internal_error", "The task failed unexpectedly.")
     finally:
         release_free_memory()  # the task's full-size temporaries: back to the OS
         if on_finished is not None:
             on_finished(status.value, result if status is TaskStatus.succeeded else None)
 
 
-def _fail(store: TaskStore, task_id: str, code: str, message: str) -> None:
-    store.update(task_id, if_status=(TaskStatus.queued, TaskStatus.running), status=TaskStatus.failed,
-                 error_code=code, error_message=message, finished_at=time.time())
+def fail_task(store: TaskStore, task_id: str, code: str, message: str,
+              if_status: tuple[TaskStatus, ...] = (TaskStatus.queued, TaskStatus.running)) -> None:
+    """End a task as failed with `code`, unless it has already ended (or is not in `if_status`)."""
+    store.update(task_id, if_status=if_status, status=TaskStatus.failed, error_code=code,
+                 error_message=message, finished_at=time.time())
