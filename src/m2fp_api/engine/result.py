@@ -49,15 +49,18 @@ class Mask:
         out[self.y0:self.y0 + self.height, self.x0:self.x0 + self.width] = self.bits
         return out
 
-    def intersection(self, other: "Mask") -> int:
-        """Pixels set in both masks, computed only over the overlap of the boxes."""
+    def intersection(self, other: "Mask", bits: np.ndarray | None = None,
+                     other_bits: np.ndarray | None = None) -> int:
+        """Pixels set in both masks, computed only over the overlap of the boxes.
+        `bits`/`other_bits`: the masks already unpacked, when a caller compares many."""
         x0, y0 = max(self.x0, other.x0), max(self.y0, other.y0)
         x1 = min(self.x0 + self.width, other.x0 + other.width)
         y1 = min(self.y0 + self.height, other.y0 + other.height)
         if x1 <= x0 or y1 <= y0:
             return 0
-        a = self.bits[y0 - self.y0:y1 - self.y0, x0 - self.x0:x1 - self.x0]
-        b = other.bits[y0 - other.y0:y1 - other.y0, x0 - other.x0:x1 - other.x0]
+        a = (self.bits if bits is None else bits)[y0 - self.y0:y1 - self.y0, x0 - self.x0:x1 - self.x0]
+        b = (other.bits if other_bits is None else other_bits)[
+            y0 - other.y0:y1 - other.y0, x0 - other.x0:x1 - other.x0]
         return int(np.count_nonzero(a & b))
 
 
