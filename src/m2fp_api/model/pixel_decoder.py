@@ -128,7 +128,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for idx in reversed(range(self.num_fpn_levels)):
             x = features[self.fpn_features[idx]].float()
             lateral = getattr(self, f"adapter_{idx + 1}")(x)
-            lateral += F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear",
-                                     align_corners=False)
+            # from a contiguous map: bilinear upsampling of the encoder's strided view (or
+            # of a channels-last map) is several times slower on CPU than of NCHW
+            lateral += F.interpolate(outs[-1].contiguous(), size=lateral.shape[-2:],
+                                     mode="bilinear", align_corners=False)
             outs.append(getattr(self, f"layer_{idx + 1}")(lateral))
         return self.mask_features(outs[-1]), outs[:NUM_DECODER_LEVELS]

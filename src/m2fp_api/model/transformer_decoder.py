@@ -82,7 +82,10 @@ class MaskedTransformerDecoder(nn.Module):
 
     def _mask_logits(self, output: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
         embed = self.mask_embed(self.decoder_norm(output).transpose(0, 1))
-        return torch.einsum("bqc,bchw->bqhw", embed, mask_features)
+        # a batched matmul over (B, C, H*W): a view in NCHW and in channels-last alike,
+        # where einsum would copy a channels-last map into NCHW first
+        logits = torch.matmul(embed, mask_features.flatten(2))
+        return logits.view(*logits.shape[:2], *mask_features.shape[-2:])
 
     def _attention_mask(self, mask_logits: torch.Tensor, size) -> torch.Tensor:
         """True where a query may not attend: its predicted mask is < 0.5 there.
