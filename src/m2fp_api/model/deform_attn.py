@@ -46,44 +46,67 @@ def sample_and_weight(
     return out.view(batch, heads * dim, queries).transpose(1, 2)
 
 
+def _column_constants(spatial_shapes: list[tuple[int, int]], heads: int, points: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each sampling column (head, level, point): its level's width, height and first
+    token, as flat float vectors that broadcast along rows."""
+    levels = len(spatial_shapes)
+    sizes = torch.tensor(spatial_shapes, dtype=torch.float32, device=device)  # (L, 2) as (H, W)
+    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], device=device).cumsum(0)
+
+    def per_column(per_level: torch.Tensor) -> torch.Tensor:
+        return per_level.float().view(1, levels, 1).expand(heads, levels, points).reshape(-1)
+
+    return per_column(sizes[:, 1]), per_column(sizes[:, 0]), per_column(starts)
+
+
 def gather_and_weight(
     value: torch.Tensor,
     spatial_shapes: list[tuple[int, int]],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Same contract as `sample_and_weight` (bilinear, zero padding, align_corners=False)."""
+    """Same contract as `sample_and_weight` (bilinear, zero padding, align_corners=False).
+
+    The arithmetic runs on (rows, columns) = (batch x query, head x level x point)
+    matrices against per-column constants, so every elementwise step is a contiguous
+    pass; `value` is read in place as a (batch x token x head, D) table.
+    """
     batch, total, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    device = value.device
-    sizes = torch.tensor(spatial_shapes, device=device, dtype=torch.float32)  # (L, 2) as (H, W)
-    heights, widths = sizes[:, 0].view(1, 1, 1, levels, 1), sizes[:, 1].view(1, 1, 1, levels, 1)
-    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], device=device).cumsum(0)
+    widths, heights, starts = _column_constants(spatial_shapes, heads, points, value.device)
+    locations = sampling_locations.reshape(batch * queries, -1, 2)
     # pixel coordinates as grid_sample computes them without corner alignment
-    x = sampling_locations[..., 0] * widths - 0.5
-    y = sampling_locations[..., 1] * heights - 0.5
+    x = locations[..., 0] * widths - 0.5
+    y = locations[..., 1] * heights - 0.5
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
     # per-axis weights, zero where that corner falls outside the map (zero padding);
     # the attention weight is folded into the row weights once
+    weights = attention_weights.reshape(batch * queries, -1)
     wx0 = (1 - fx) * ((x0 >= 0) & (x0 < widths))
     wx1 = fx * ((x0 >= -1) & (x0 < widths - 1))
-    wy0 = (1 - fy) * ((y0 >= 0) & (y0 < heights)) * attention_weights
-    wy1 = fy * ((y0 >= -1) & (y0 < heights - 1)) * attention_weights
+    wy0 = (1 - fy) * ((y0 >= 0) & (y0 < heights)) * weights
+    wy1 = fy * ((y0 >= -1) & (y0 < heights - 1)) * weights
     # clamped indices: an outside corner reads a valid row with weight 0
     last_x, last_y = widths - 1, heights - 1
     ix0, ix1 = x0.clamp(min=0).minimum(last_x), (x0 + 1).clamp(min=0).minimum(last_x)
-    level_start = starts.view(1, 1, 1, levels, 1).float()
-    row0 = y0.clamp(min=0).minimum(last_y) * widths + level_start
-    row1 = (y0 + 1).clamp(min=0).minimum(last_y) * widths + level_start
-    index = torch.stack((row0 + ix0, row0 + ix1, row1 + ix0, row1 + ix1), -1).flatten(3).long()
-    weight = torch.stack((wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1), -1).flatten(3)
-    # (B, Q, heads, L*P*4) -> bags per (batch, query, head) over a (B*heads*S, D) table
-    offset = (torch.arange(batch, device=device).view(batch, 1, 1, 1) * heads
-              + torch.arange(heads, device=device).view(1, 1, heads, 1)) * total
-    table = value.permute(0, 2, 1, 3).reshape(batch * heads * total, dim)
-    bags = F.embedding_bag((index + offset).flatten(0, 2), table, mode="sum",
-                           per_sample_weights=weight.flatten(0, 2).to(table.dtype))
+    row0 = y0.clamp(min=0).minimum(last_y) * widths + starts
+    row1 = (y0 + 1).clamp(min=0).minimum(last_y) * widths + starts
+    # corners stacked per head: (rows, head, 4, level x point), so that each bag below,
+    # one per (batch, query, head), is a contiguous run of 4 x levels x points taps
+    per_head = (batch * queries, heads, levels * points)
+    token = torch.stack([t.view(per_head) for t in (row0 + ix0, row0 + ix1, row1 + ix0, row1 + ix1)], 2)
+    # row of the (batch, token, head) table; the batch offset is added in integers
+    head = torch.arange(heads, dtype=token.dtype, device=value.device).view(1, heads, 1, 1)
+    index = (token * heads + head).long()
+    if batch > 1:
+        index += (torch.arange(batch, device=value.device) * (total * heads)).repeat_interleave(
+            queries).view(-1, 1, 1, 1)
+    weight = torch.stack([w.view(per_head) for w in (wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1)], 2)
+    per_bag = levels * points * 4
+    bags = F.embedding_bag(index.view(-1, per_bag), value.reshape(-1, dim), mode="sum",
+                           per_sample_weights=weight.view(-1, per_bag).to(value.dtype))
     return bags.view(batch, queries, heads * dim)
 
 
@@ -115,21 +138,27 @@ class MSDeformAttn(nn.Module):
         """query (B, Q, C); reference_points (B, Q, levels, 2); input_flatten (B, S, C)."""
         heads = self.n_heads
         value = self.value_proj(input_flatten).view(input_flatten.shape[0], -1, heads, self.d_model // heads)
-        # offsets are in pixels of each level: normalise by (W, H)
-        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype,
-                                  device=query.device)
+        # per output column of `sampling_offsets` (head, level, point, x|y): the level's
+        # size, offsets being in its pixels, and which reference coordinate it moves
+        levels, points = self.n_levels, self.n_points
+        sizes = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+        normalizer = sizes.view(1, levels, 1, 2).expand(heads, levels, points, 2).reshape(-1)
+        coordinate = torch.arange(levels * 2, device=query.device).view(1, levels, 1, 2)
+        coordinate = coordinate.expand(heads, levels, points, 2).reshape(-1)
         sampled = [
-            self._sample_chunk(q, r, value, spatial_shapes, normalizer)
+            self._sample_chunk(q, r, value, spatial_shapes, normalizer, coordinate)
             for q, r in zip(query.split(QUERY_CHUNK, dim=1), reference_points.split(QUERY_CHUNK, dim=1))
         ]
         return self.output_proj(torch.cat(sampled, dim=1) if len(sampled) > 1 else sampled[0])
 
-    def _sample_chunk(self, query, reference_points, value, spatial_shapes, normalizer):
+    def _sample_chunk(self, query, reference_points, value, spatial_shapes, normalizer, coordinate):
         batch, queries, _ = query.shape
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
-        offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
+        offsets = self.sampling_offsets(query)  # (B, Q, heads * levels * points * 2)
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
-        locations = (reference_points[:, :, None, :, None, :]
-                     + offsets / normalizer[None, None, None, :, None, :])
+        # reference + offset / (W, H), as the reference computes it (same rounding), on
+        # flat rows: broadcasting over four trailing dimensions is many times slower
+        refs = reference_points.flatten(2).index_select(2, coordinate)
+        locations = refs.add_(offsets / normalizer).view(batch, queries, heads, levels, points, 2)
         return self.sample(value, spatial_shapes, locations, weights)
