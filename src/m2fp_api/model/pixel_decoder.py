@@ -126,7 +126,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         ]
         # FPN levels from low to high resolution
         for idx in reversed(range(self.num_fpn_levels)):
-            x = features[self.fpn_features[idx]].float()
+            x = features.pop(self.fpn_features[idx]).float()
             lateral = getattr(self, f"adapter_{idx + 1}")(x)
             # from a contiguous map: bilinear upsampling of the encoder's strided view (or
             # of a channels-last map) is several times slower on CPU than of NCHW
