@@ -79,6 +79,12 @@ class MaskedTransformerDecoder(nn.Module):
             for _ in range(NUM_DECODER_LEVELS))
         self.class_embed = nn.Linear(d, cfg.num_classes + 1)
         self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
+        # Attention masks from mask features resized to each level first (set by the
+        # engine's optimisations): bilinear resizing is linear, so resize(embed . F) =
+        # embed . resize(F), and the per-layer product runs at the level's resolution
+        # instead of the mask features' (16-64x fewer pixels). The reference computes
+        # full-resolution mask logits every layer and resizes those.
+        self.resize_features_first = False
 
     def _mask_logits(self, output: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
         embed = self.mask_embed(self.decoder_norm(output).transpose(0, 1))
@@ -87,16 +93,23 @@ class MaskedTransformerDecoder(nn.Module):
         logits = torch.matmul(embed, mask_features.flatten(2))
         return logits.view(*logits.shape[:2], *mask_features.shape[-2:])
 
-    def _attention_mask(self, mask_logits: torch.Tensor, size) -> torch.Tensor:
+    def _attention_mask(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """True where a query may not attend: its predicted mask is < 0.5 there.
 
         A query whose mask is empty everywhere would attend to nothing (NaNs), so it is
         let attend everywhere, as in Mask2Former.
         """
-        m = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
-        blocked = (m.sigmoid().flatten(2) < 0.5)
+        blocked = (mask_logits.sigmoid().flatten(2) < 0.5)
         blocked[blocked.all(-1)] = False
         return blocked.repeat_interleave(self.num_heads, dim=0)
+
+    def _level_mask_logits(self, output: torch.Tensor, mask_features: torch.Tensor,
+                           resized_features: list[torch.Tensor], level: int, size) -> torch.Tensor:
+        """Mask logits at a decoder level's resolution, for its attention mask."""
+        if self.resize_features_first:
+            return self._mask_logits(output, resized_features[level])
+        return F.interpolate(self._mask_logits(output, mask_features), size=size, mode="bilinear",
+                             align_corners=False)
 
     def forward(self, features: list[torch.Tensor], mask_features: torch.Tensor):
         """Returns (class logits (B, Q, C+1), mask logits (B, Q, H/4, W/4))."""
@@ -112,15 +125,19 @@ class MaskedTransformerDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, batch, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, batch, 1)
 
-        mask_logits = self._mask_logits(output, mask_features)
+        resized = [
+            F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+            for size in sizes
+        ] if self.resize_features_first else []
         for i in range(self.num_layers):
             level = i % NUM_DECODER_LEVELS
-            attn_mask = self._attention_mask(mask_logits, sizes[level])
+            attn_mask = self._attention_mask(
+                self._level_mask_logits(output, mask_features, resized, level, sizes[level]))
             output = self.transformer_cross_attention_layers[i](
                 output, srcs[level], attn_mask, pos[level], query_pos)
             output = self.transformer_self_attention_layers[i](output, query_pos)
             output = self.transformer_ffn_layers[i](output)
-            mask_logits = self._mask_logits(output, mask_features)
+        mask_logits = self._mask_logits(output, mask_features)
         # only the last layer's predictions are used at inference (no auxiliary heads)
         logits = self.class_embed(self.decoder_norm(output).transpose(0, 1))
         return logits, mask_logits
