@@ -55,6 +55,16 @@ class FFNLayer(nn.Module):
         return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt))))
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, initialised as nn.Embedding does, except on the meta device (how
+    checkpoints are loaded): there `normal_` goes through torch's reference
+    implementations, which import torch._dynamo and sympy (~40 MB of idle memory)."""
+    weight = torch.empty(num, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(num, dim, _weight=weight)
+
+
 class MaskedTransformerDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, in_channels: int) -> None:
         super().__init__()
@@ -70,9 +80,9 @@ class MaskedTransformerDecoder(nn.Module):
         self.transformer_ffn_layers = nn.ModuleList(
             FFNLayer(d, cfg.dim_feedforward, cfg.pre_norm) for _ in range(cfg.dec_layers))
         self.decoder_norm = nn.LayerNorm(d)
-        self.query_feat = nn.Embedding(cfg.num_queries, d)
-        self.query_embed = nn.Embedding(cfg.num_queries, d)
-        self.level_embed = nn.Embedding(NUM_DECODER_LEVELS, d)
+        self.query_feat = _embedding(cfg.num_queries, d)
+        self.query_embed = _embedding(cfg.num_queries, d)
+        self.level_embed = _embedding(NUM_DECODER_LEVELS, d)
         project = in_channels != d or cfg.enforce_input_project
         self.input_proj = nn.ModuleList(
             ConvNorm(in_channels, d, kernel_size=1) if project else nn.Identity()
