@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     # --- input limits ----------------------------------------------------------------
     max_pixels: int = Field(24_000_000, gt=0, description="Largest photo accepted, in pixels.")
     min_side: int = Field(8, gt=0, description="Smallest accepted photo side, in pixels.")
-    postprocess_chunk_mb: int = Field(64, gt=0, description=(
+    postprocess_chunk_mb: int = Field(32, gt=0, description=(
         "Memory budget for upsampling masks to full resolution at once."))
 
 

@@ -23,7 +23,7 @@ from .result import Mask, ParseResult, Part, Person
 TOP_K = 100
 # parts are reported from this score up, persons above it (ModelScope's thresholds)
 MIN_OUTPUT_SCORE = 0.1
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BYTES = 32 * 2**20
 
 
 def _upsample(mask_logits: torch.Tensor, padded: tuple[int, int], inp: NetworkInput) -> torch.Tensor:
