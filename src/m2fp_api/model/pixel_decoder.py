@@ -125,12 +125,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for level, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)
         ]
         # FPN levels from low to high resolution
+        # (no local keeps a backbone map or a lateral alive past its use: at 1/4 scale
+        # each is a full 256-channel map, and this is where the parse peaks in memory)
         for idx in reversed(range(self.num_fpn_levels)):
-            x = features.pop(self.fpn_features[idx]).float()
-            lateral = getattr(self, f"adapter_{idx + 1}")(x)
+            lateral = getattr(self, f"adapter_{idx + 1}")(features.pop(self.fpn_features[idx]).float())
             # from a contiguous map: bilinear upsampling of the encoder's strided view (or
             # of a channels-last map) is several times slower on CPU than of NCHW
             lateral += F.interpolate(outs[-1].contiguous(), size=lateral.shape[-2:],
                                      mode="bilinear", align_corners=False)
             outs.append(getattr(self, f"layer_{idx + 1}")(lateral))
+            del lateral
         return self.mask_features(outs[-1]), outs[:NUM_DECODER_LEVELS]
