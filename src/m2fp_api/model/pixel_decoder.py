@@ -65,13 +65,15 @@ class DeformableEncoder(nn.Module):
         return torch.cat(refs, 0)[None, :, None, :].expand(1, -1, n_levels, 2)
 
     def forward(self, srcs: list[torch.Tensor], pos_embeds: list[torch.Tensor]):
+        """Consumes `srcs` and `pos_embeds` (emptied once flattened, to free them)."""
         spatial_shapes = [(s.shape[2], s.shape[3]) for s in srcs]
-        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+        out = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pos_flat = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
              for lvl, p in enumerate(pos_embeds)], 1)
-        refs = self.reference_points(spatial_shapes, len(srcs), src_flat.device)
-        out = src_flat
+        srcs.clear()
+        pos_embeds.clear()
+        refs = self.reference_points(spatial_shapes, len(spatial_shapes), out.device)
         for layer in self.encoder.layers:
             out = layer(out, pos_flat, refs, spatial_shapes)
         return out, spatial_shapes
@@ -118,6 +120,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             pos.append(sine_position_embedding(x.shape[0], x.shape[2], x.shape[3],
                                                self.conv_dim // 2,
                                                device=x.device))
+        del x
         memory, shapes = self.transformer(srcs, pos)
         batch = memory.shape[0]
         outs = [
