@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="Torch intra-op threads; 0 = one per core.")
     backend: Literal["exact", "fast", "reference"] = Field("exact", description=(
         "`exact`: fp32, equal to ModelScope's output, with exact rewrites (folded BN, "
-        "channels-last, gathered deformable attention). `fast`: exact plus a bf16 backbone "
+        "channels-last backbone, gathered deformable attention, decoder attention masks "
+        "computed at each level's resolution). `fast`: exact plus a bf16 backbone "
         "where the CPU has native bf16 (falls back to exact otherwise). `reference`: "
         "ModelScope's own formulation, slower; for comparisons."))
 

@@ -77,7 +77,7 @@ def _chunks(queries: list[int], mask_logits: torch.Tensor, padded: tuple[int, in
 class _ClassCanvas:
     """M2FP's semantic probability of one class: the mean, over the class's confident
     instances, of sigmoid(mask) x score where that exceeds 0.5 (which needs logit > 0,
-    so only each instance's box is touched)."""
+    so only each instance's box is touched). One canvas serves every class in turn."""
 
     def __init__(self, size: tuple[int, int]) -> None:
         self.probs = torch.zeros(size)
@@ -97,15 +97,19 @@ class _ClassCanvas:
             min(b[0], ys.start), max(b[1], y1), min(b[2], xs.start), max(b[3], x1))
 
     def fold_into(self, cls: int, best: torch.Tensor, class_map: torch.Tensor) -> None:
-        """Take the pixels where this class beats every earlier (lower-id) one."""
+        """Take the pixels where this class beats every earlier (lower-id) one, and clear
+        the canvas for the next class."""
         if self.box is None:
             return
         y0, y1, x0, x1 = self.box
-        probs = self.probs[y0:y1, x0:x1] / self.times[y0:y1, x0:x1].clamp_(min=1)
+        probs = self.probs[y0:y1, x0:x1].div_(self.times[y0:y1, x0:x1].clamp_(min=1))
         current = best[y0:y1, x0:x1]
         better = probs > current  # strict: ties keep the lower class id, as argmax does
-        current.copy_(torch.where(better, probs, current))
+        torch.maximum(current, probs, out=current)
         class_map[y0:y1, x0:x1][better] = cls
+        probs.zero_()
+        self.times[y0:y1, x0:x1].zero_()
+        self.box = None
 
 
 def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
@@ -155,14 +159,14 @@ def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
 
     class_map = torch.zeros(inp.output_size, dtype=torch.uint8)
     best = torch.zeros(inp.output_size, dtype=torch.float32)
+    canvas = _ClassCanvas(inp.output_size)
     for cls in sorted(paste):
-        canvas = _ClassCanvas(inp.output_size)
         for q, probs in upsample_and_score(sorted(paste[cls])):
             e = paste[cls][q]
             if q in masks and e.score >= cfg.parsing_ins_score_thr:
                 canvas.add(probs, masks[q], e.score)
         canvas.fold_into(cls, best, class_map)
-        del canvas
+    del canvas
     for _ in upsample_and_score(sorted(set(by_query) - scored)):
         pass
 
