@@ -64,7 +64,28 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description=(
         "Origins allowed to call the API from a browser (JSON list, e.g. [\"https://a.example\"])."))
     api_key: str | None = Field(None, description=(
-        "When set, /v1 requires `Authorization: Bearer KEY` or `X-API-Key: KEY`."))
+        "One key or a comma list of keys; when set, every path but `open_paths` requires "
+        "`Authorization: Bearer KEY` or `X-API-Key: KEY` (checked before the body is read)."))
+    open_paths: list[str] = Field(["/", "/static/*", "/healthz", "/readyz"], description=(
+        "Paths answered without a key when keys are set (JSON list; `/x/*` opens everything "
+        "under /x/). Add \"/metrics\", \"/docs\", \"/openapi.json\" to expose them."))
+
+    # --- connections and uploads (slow or stalled clients) -----------------------------
+    max_connections: int = Field(512, ge=1, description=(
+        "Open connections at most; a request on one past it gets 503 `too_many_connections`."))
+    max_uploads_mb: float = Field(160, gt=0, description=(
+        "Request body bytes held at once by all requests in progress (declared or received); "
+        "a request past it gets 503 `uploads_busy` before its body is read."))
+    max_header_kb: int = Field(16, gt=0, description=(
+        "Largest request line plus headers (431 `headers_too_large` above)."))
+    header_timeout_s: float = Field(10, gt=0, description=(
+        "The request line and headers must arrive within this (408, then closed)."))
+    body_timeout_s: float = Field(15, gt=0, description=(
+        "Longest pause while a body streams in, and the grace before `min_upload_kb_s` applies "
+        "(408, then closed)."))
+    min_upload_kb_s: float = Field(64, gt=0, description=(
+        "Slowest average pace a body may arrive at after its grace, in KB/s (408, then closed)."))
+    keep_alive_s: float = Field(5, gt=0, description="An idle keep-alive connection is closed after this.")
 
     # --- scale-out (Celery + Redis) -----------------------------------------------
     broker_url: str | None = Field(None, description=(

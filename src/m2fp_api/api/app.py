@@ -22,7 +22,9 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__
 from ..settings import Settings
 from . import errors
-from .limits import BodySizeLimit
+from .auth import ApiKeys, Authenticate, OpenPaths, declare_security
+from .limits import RequestLimits, UploadBudget
+from .protocol import guarded_protocol
 from .routes import EVENT_POLL_INTERVAL_S, ops, v1
 from .service import Service
 
@@ -55,20 +57,28 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     async def index():
         return HTMLResponse(WEB.joinpath("index.html").read_text())
 
+    keys, open_paths = ApiKeys.parse(settings.api_key), OpenPaths.parse(settings.open_paths)
+
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = _exact_errors(get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes))
+            app.openapi_schema = declare_security(_exact_errors(get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes)),
+                open_paths, required=bool(keys))
         return app.openapi_schema
 
     app.openapi = openapi
 
+    # the last added runs first: CORS (preflights carry no key), keys, then body limits
+    app.add_middleware(RequestLimits, max_header_bytes=settings.max_header_kb * 1024,
+                       max_body_bytes=int(settings.max_upload_mb * 2**20),
+                       budget=UploadBudget(int(settings.max_uploads_mb * 2**20)),
+                       body_timeout_s=settings.body_timeout_s, min_rate=settings.min_upload_kb_s * 1024)
+    app.add_middleware(Authenticate, keys=keys, open_paths=open_paths)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
                            expose_headers=["Location", "Retry-After"])
-    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_upload_mb * 2**20))
     return app
 
 
@@ -146,7 +156,9 @@ def serve(settings: Settings | None = None) -> None:
     service = Service(settings)
     app = create_app(settings, service)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, timeout_keep_alive=settings.keep_alive_s,
+                            http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
+                            h11_max_incomplete_event_size=settings.max_header_kb * 1024)
     DrainingServer(config, service).run()
     if service.executor.in_flight():
         # Past the drain deadline a slot can still be inside a torch kernel that cannot be

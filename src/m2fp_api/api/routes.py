@@ -4,12 +4,11 @@ interfaces only, so other implementations (Redis, Celery) slot in unchanged."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -43,24 +42,9 @@ def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
-class Unauthorized(M2FPError):
-    code, status = "unauthorized", 401
-
-
-def require_api_key(request: Request) -> None:
-    key = service_of(request).settings.api_key
-    if not key:
-        return
-    given = request.headers.get("x-api-key") or ""
-    auth = request.headers.get("authorization") or ""
-    if auth.lower().startswith("bearer "):
-        given = given or auth[7:].strip()
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        raise Unauthorized("A valid API key is required (Authorization: Bearer KEY or X-API-Key).")
-
-
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
-               responses=errors(401))
+# API keys are checked by the Authenticate middleware (auth.py), before the body is read;
+# `request.state.owner` names the caller's key
+v1 = APIRouter(prefix="/v1", responses=errors(401))
 ops = APIRouter()
 
 

@@ -1,0 +1,124 @@
+"""uvicorn's h11 HTTP/1.1 protocol with the limits it leaves to the application.
+
+uvicorn answers malformed requests itself, in plain text, and arms no timer until a
+first response is sent: a client that opens a connection and sends its head slowly, or
+not at all, holds it for ever. Here:
+
+- malformed request lines and headers get a JSON 400, a head over the size limit a JSON
+  431 (h11 reports it while the head is still incomplete; the application checks
+  complete heads, see limits.py);
+- the head must arrive within `header_timeout_s` of the connection opening (or of the
+  previous response): data arriving does not extend it, so trickling does not help. A
+  client that sent part of a head gets a JSON 408; one that sent nothing is closed;
+- a connection past `max_connections` is answered 503 `too_many_connections` as soon as
+  its head arrives, and closed.
+
+Everything else, including keep-alive and the body, is uvicorn's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+
+import h11
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .limits import error_body, retry_after, send_error
+
+
+def raw_error(status: int, code: str, message: str) -> bytes:
+    """A complete JSON error response, for answers given before h11 has a request."""
+    body = error_body(code, message)
+    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+async def too_many_connections(scope: Scope, receive: Receive, send: Send) -> None:
+    await send_error(send, 503, "too_many_connections",
+                     "The server has as many open connections as it serves; retry shortly.",
+                     {"retry-after": retry_after()}, close=True)
+
+
+class _Connection(h11.Connection):
+    """Remembers the status h11 suggests for the last malformed request (400 or 431)."""
+
+    error_status_hint = 400
+
+    def next_event(self):
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.error_status_hint = exc.error_status_hint
+            raise
+
+
+class GuardedH11Protocol(H11Protocol):
+    header_timeout_s: float = 10.0
+    max_connections: int = 512
+
+    def __init__(self, config, server_state, app_state, _loop=None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.conn = _Connection(h11.SERVER, config.h11_max_incomplete_event_size
+                                or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.head_started = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self.app = too_many_connections
+        self._arm_header_timer(head_started=False)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:
+            self.head_started = True
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            # the next head (perhaps partly pipelined already) has the same deadline
+            self._arm_header_timer(head_started=bool(self.conn.trailing_data[0]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        if self.conn.error_status_hint == 431:
+            response = raw_error(431, "headers_too_large", "The request line and headers are too large.")
+        else:
+            response = raw_error(400, "bad_request", "The request line or headers are not valid HTTP/1.1.")
+        self.transport.write(response)
+        self.transport.close()
+
+    def _arm_header_timer(self, head_started: bool) -> None:
+        self._cancel_header_timer()
+        self.head_started = head_started
+        self.header_timer = self.loop.call_later(self.header_timeout_s, self._header_timed_out)
+
+    def _cancel_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self.header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.head_started:
+            self.transport.write(raw_error(408, "request_timeout",
+                                           "The request head arrived too slowly; the connection is closed."))
+        self.transport.close()
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[GuardedH11Protocol]:
+    """The protocol class uvicorn instantiates per connection, with these limits."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+                {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
