@@ -21,6 +21,8 @@ ALIVE = "m2fp:alive:{}"  # refreshed by the worker while it runs the task
 STOP = "m2fp:stop:{}"  # why a running task should stop ("cancelled", "timeout")
 WORKER = "m2fp:worker:{}"  # a worker process's model info, refreshed while it lives
 WORKERS = "m2fp:worker:*"
+PACE = "m2fp:pace"  # list: the latest run times in seconds, newest first
+BOOKED_UNTIL = "m2fp:booked_until"  # the moment the last refused client was promised a place
 # beyond the run limit, Celery kills a task that never reaches a stage boundary
 HARD_LIMIT_GRACE_S = 30
 

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 
 import kombu.exceptions
+import redis
 
 from ..settings import Settings
-from .celery_app import ALIVE, PAYLOAD, QUEUED, RUNNING, STOP, TASK_NAME, WORKERS, make_celery
+from .celery_app import (ALIVE, BOOKED_UNTIL, PACE, PAYLOAD, QUEUED, RUNNING, STOP, TASK_NAME, WORKERS,
+                         make_celery)
 from .executor import Draining, QueueFull
 from .models import TaskOptions, TaskStatus
+from .pacing import RETRY_AFTER_MAX_S, book, slot_interval_s
 from .redis_store import RedisStore, unavailable_on_redis_errors
 from .store import StoreUnavailable
 from .work import ABANDON_MESSAGES, fail_task
@@ -39,6 +43,7 @@ class CeleryExecutor:
         self.store = store
         self.redis = store.redis
         self.settings = settings
+        self._rng = random.Random()
         self.app = make_celery(settings)
         self._draining = False
         self._stop = threading.Event()
@@ -104,8 +109,22 @@ class CeleryExecutor:
     def in_flight(self) -> int:
         return self.redis.scard(RUNNING)
 
+    @unavailable_on_redis_errors
     def retry_after_s(self) -> int:
-        return max(1, int(self.redis.zcard(QUEUED) * 2 / max(1, self.slots)) + 1)
+        """Pacing across the cluster: the run times workers report, the live worker
+        processes, and one line of promises shared by every API process."""
+        interval = slot_interval_s([float(s) for s in self.redis.lrange(PACE, 0, -1)], self.slots)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(BOOKED_UNTIL)
+                    booking = book(time.time(), float(pipe.get(BOOKED_UNTIL) or 0), interval, self._rng)
+                    pipe.multi()
+                    pipe.set(BOOKED_UNTIL, booking.booked_until, px=RETRY_AFTER_MAX_S * 1000)
+                    pipe.execute()
+                    return booking.retry_after_s
+                except redis.WatchError:
+                    continue
 
     @unavailable_on_redis_errors
     def workers(self) -> list[dict]:

@@ -21,9 +21,10 @@ from celery.signals import worker_process_init
 from ..engine import HumanParser
 from ..engine.checkpoint import read_configuration
 from ..settings import Settings
-from .celery_app import (ALIVE, PAYLOAD, QUEUE, QUEUED, RUNNING, STOP, TASK_NAME, WORKER, make_celery,
+from .celery_app import (ALIVE, PACE, PAYLOAD, QUEUE, QUEUED, RUNNING, STOP, TASK_NAME, WORKER, make_celery,
                          store_url)
 from .models import TaskOptions, TaskStatus
+from .pacing import PACE_WINDOW
 from .redis_store import RedisStore
 from .work import fail_task, run_task
 
@@ -92,6 +93,12 @@ def parse(task_id: str, options: dict) -> None:
         run_task(_state["parser"], store, task_id, payload,
                  TaskOptions(outputs=tuple(options["outputs"]), overlay_alpha=options["overlay_alpha"]),
                  should_stop)
+        # the pace the API processes' Retry-After is planned from
+        pipe = r.pipeline()
+        pipe.lpush(PACE, time.monotonic() - started)
+        pipe.ltrim(PACE, 0, PACE_WINDOW - 1)
+        pipe.pexpire(PACE, max(1, int(settings.result_ttl_s * 1000)))  # like every key, it expires
+        pipe.execute()
     finally:
         _state["task_id"] = None
         r.srem(RUNNING, task_id)

@@ -10,6 +10,7 @@ never overlap the next one. Cancellation works the same way.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from typing import Callable, Protocol
 from ..engine import HumanParser, ParseResult
 from ..errors import M2FPError
 from .models import TaskOptions, TaskStatus
+from .pacing import PACE_WINDOW, book, slot_interval_s
 from .store import TaskStore
 from .work import ABANDON_MESSAGES, fail_task, run_task
 
@@ -48,6 +50,9 @@ class Executor(Protocol):
 
     def queue_position(self, task_id: str) -> int | None:
         """1 for the next task to run; None when not queued."""
+
+    def retry_after_s(self) -> int:
+        """When a client refused now is likely to find a queue place (see pacing)."""
 
     def depth(self) -> int: ...
 
@@ -85,7 +90,9 @@ class InProcessExecutor:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._parser: HumanParser | None = None
-        self._recent_run_s: deque[float] = deque(maxlen=20)
+        self._recent_run_s: deque[float] = deque(maxlen=PACE_WINDOW)
+        self._booked_until = 0.0  # the moment the last refused client was promised a place
+        self._rng = random.Random()
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, parser: HumanParser) -> None:
@@ -155,9 +162,11 @@ class InProcessExecutor:
             return len(self._running)
 
     def retry_after_s(self) -> int:
-        """A client's fair wait: the queue ahead of it at the recent pace, at least 1 s."""
-        pace = sorted(self._recent_run_s)[len(self._recent_run_s) // 2] if self._recent_run_s else 2.0
-        return max(1, int(pace * (len(self._queue) + 1) / max(1, self.slots)) + 1)
+        with self._cond:
+            booking = book(time.time(), self._booked_until,
+                           slot_interval_s(self._recent_run_s, self.slots), self._rng)
+            self._booked_until = booking.booked_until
+            return booking.retry_after_s
 
     # -- internals ------------------------------------------------------------------
     def _fail(self, task_id: str, reason: str) -> None:
