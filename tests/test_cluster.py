@@ -91,7 +91,8 @@ def test_two_apis_and_two_workers_share_one_redis(tmp_path, redis):
             assert b.client.get(seen["links"]["mask"]).content == a.client.get(seen["links"]["mask"]).content
         # de-duplication holds across APIs
         again = b.submit(jpeg(200, 150, seed=40), wait=30).json()
-        assert again["id"] == tasks[0]["id"] and again["cached"] is True
+        assert again["id"] != tasks[0]["id"] and again["cached"] is True
+        assert a.client.get(again["links"]["mask"]).content == a.client.get(f"/v1/tasks/{tasks[0]['id']}/mask.png").content
         # unknown ids are unknown everywhere (Celery's PENDING for unknown ids is not trusted)
         assert b.client.get("/v1/tasks/0123456789abcdef").status_code == 404
     finally:

@@ -95,7 +95,9 @@ def test_identical_submissions_are_deduplicated(server):
     first = server.submit(data, wait=30).json()
     again = server.submit(data, wait=30)
     assert again.status_code == 200
-    assert again.json()["id"] == first["id"] and again.json()["cached"] is True
+    # the work and outputs are shared, the handle is not (API.md v1.1)
+    assert again.json()["id"] != first["id"] and again.json()["cached"] is True
+    assert again.json()["result"] == first["result"]
     other_options = server.submit(data, wait=30, overlay_alpha=0.8).json()
     assert other_options["id"] != first["id"] and other_options["cached"] is False
 
@@ -109,7 +111,9 @@ def test_batch_fails_bad_items_only(server):
     tasks = r.json()["tasks"]
     assert len(tasks) == 3
     assert tasks[1]["status"] == "failed" and tasks[1]["error"]["code"] == "unsupported_media_type"
-    assert server.client.get(f"/v1/tasks/{tasks[1]['id']}").json()["status"] == "failed"
+    # a refused item is not kept (it must not displace accepted work): it expires as answered
+    assert tasks[1]["expires_at"] == tasks[1]["finished_at"]
+    assert server.client.get(f"/v1/tasks/{tasks[1]['id']}").status_code == 404
     for t in (tasks[0], tasks[2]):
         assert server.wait_status(t["id"])["status"] == "succeeded"
 

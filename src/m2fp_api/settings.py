@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(60, gt=0, description=(
         "On SIGTERM, how long queued and running work may take before it fails (`shutdown`)."))
     result_ttl_s: float = Field(3600, gt=0, description="How long finished tasks and outputs are kept.")
-    max_results: int = Field(1000, ge=1, description="Finished tasks kept at most (least recently used go first).")
+    max_results: int = Field(1000, ge=1, description=(
+        "Finished tasks kept at most (least recently used go first); also the most tasks "
+        "that may share one unfinished work."))
     max_result_mb: float = Field(256, gt=0, description="Stored output bytes at most (least recently used go first).")
     cors_origins: list[str] = Field(default_factory=list, description=(
         "Origins allowed to call the API from a browser (JSON list, e.g. [\"https://a.example\"])."))

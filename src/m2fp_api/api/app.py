@@ -25,7 +25,7 @@ from . import errors
 from .auth import ApiKeys, Authenticate, OpenPaths, declare_security
 from .limits import RequestLimits, UploadBudget
 from .protocol import guarded_protocol
-from .routes import EVENT_POLL_INTERVAL_S, ops, v1
+from .routes import CAPACITY_REFUSED, EVENT_POLL_INTERVAL_S, ops, v1
 from .service import Service
 
 log = logging.getLogger("m2fp.api")
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
-                           expose_headers=["Location", "Retry-After"])
+                           expose_headers=["Location", "Retry-After", CAPACITY_REFUSED])
     return app
 
 

@@ -14,15 +14,10 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import render
-from ..engine.images import probe_image
-from ..engine.preprocess import network_size
-from ..errors import BadRequest, M2FPError, NotFound, NotReady
-from ..jobs.models import (OUTPUT_FILES, OUTPUT_NAMES, TaskOptions, TaskRecord, TaskStatus,
-                           content_key, new_task_id)
-from ..jobs.store import StoreUnavailable
-from ..jobs.work import fail_task
+from ..errors import BadRequest
+from ..jobs.models import OUTPUT_FILES, OUTPUT_NAMES, Holding, TaskOptions
 from .schemas import ErrorBody, Health, Label, ModelInfoOut, Task, TaskList
-from .service import MB, Service
+from .service import MB, BatchOutcome, Service
 
 MAX_WAIT_S = 60.0
 POLL_INTERVAL_S = 0.05
@@ -32,6 +27,20 @@ EVENT_POLL_INTERVAL_S = 0.1
 BINARY = {"format": "binary"}
 PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
        "description": "PNG image"}
+
+# a batch answered 202 although some items found no room: how many, and when to resubmit them
+CAPACITY_REFUSED = "Capacity-Refused"
+RETRY_AFTER_HEADER = {"description": "seconds to wait before trying again, spread per client",
+                      "schema": {"type": "integer", "minimum": 1}}
+CAPACITY_REFUSED_HEADERS = {
+    "Retry-After": {**RETRY_AFTER_HEADER, "description": "seconds after which the items refused "
+                                                         "for capacity may be resubmitted (only then)"},
+    CAPACITY_REFUSED: {"description": "how many items were refused for capacity (`queue_full`; "
+                                      "only when some were)", "schema": {"type": "integer", "minimum": 1}},
+}
+RETRY_LATER = {"model": ErrorBody, "headers": {"Retry-After": RETRY_AFTER_HEADER},
+               "description": "`queue_full` (no room: retry after `Retry-After`), `not_ready`, "
+                              "`model_unavailable`, `store_unavailable`"}
 
 
 def errors(*statuses: int) -> dict:
@@ -68,37 +77,21 @@ def parse_options(outputs: str | None, overlay_alpha: float | None, wait: float 
 
 # -- submission -----------------------------------------------------------------------
 
-def to_task(service: Service, record: TaskRecord, cached: bool = False) -> Task:
-    return Task.from_record(record, queue_position=service.executor.queue_position(record.id),
-                            cached=cached)
+def owner_of(request: Request) -> str | None:
+    """The caller's key, as the Authenticate middleware recorded it (None without keys)."""
+    return getattr(request.state, "owner", None)
 
 
-async def enqueue(service: Service, payload: bytes, options: TaskOptions) -> tuple[TaskRecord, bool]:
-    """Admission control, de-duplication, then the queue. Returns (record, cached)."""
-    model = service.require_ready()
-    _, width, height = probe_image(payload, model.limits)
-    network_size(width, height, model.config)  # refuses extreme aspect ratios now, not later
-    key = content_key(payload, options, model.info.id)
-    existing = service.store.find_by_key(key)
-    if existing is not None:
-        return existing, True
-    record = TaskRecord(id=new_task_id(), options=options, key=key)
-    service.store.create(record)
-    try:
-        service.executor.submit(record.id, payload, options)
-    except (M2FPError, StoreUnavailable):
-        service.store.delete(record.id)
-        raise
-    return record, False
+def to_task(service: Service, held: Holding) -> Task:
+    return Task.from_holding(held, queue_position=service.executor.queue_position(held.work.id))
 
 
-async def wait_for(service: Service, task_id: str, wait_s: float) -> TaskRecord | None:
+async def wait_for(service: Service, held: Holding, wait_s: float) -> Holding:
     end = time.monotonic() + wait_s
-    while True:
-        record = service.store.get(task_id)
-        if record is None or record.status.terminal or time.monotonic() >= end:
-            return record
+    while not held.work.status.terminal and time.monotonic() < end:
         await asyncio.sleep(POLL_INTERVAL_S)
+        held = service.store.lookup(held.handle.id) or held
+    return held
 
 
 async def read_single_upload(request: Request, file: UploadFile) -> bytes:
@@ -112,7 +105,7 @@ async def read_single_upload(request: Request, file: UploadFile) -> bytes:
          summary="Submit a photo for parsing",
          responses={200: {"model": Task, "description": "finished within `wait`, or cached"},
                     202: {"description": "accepted; poll the Location"},
-                    **errors(400, 413, 415, 422, 503)})
+                    **errors(400, 413, 415, 422), 503: RETRY_LATER})
 async def submit_parse(
     request: Request,
     file: Annotated[UploadFile, File(description="JPEG, PNG or WebP photo", json_schema_extra=BINARY)],
@@ -123,21 +116,20 @@ async def submit_parse(
     service = service_of(request)
     options, wait_s = parse_options(outputs, overlay_alpha, wait)
     payload = await read_single_upload(request, file)
-    try:
-        record, cached = await enqueue(service, payload, options)
-    except M2FPError as exc:
-        service.metrics.rejected.labels(code=exc.code).inc()
-        raise
+    held = service.submit(payload, options, owner_of(request))
     if wait_s > 0:
-        record = await wait_for(service, record.id, wait_s) or record
-    status = 200 if record.status.terminal else 202
-    return JSONResponse(to_task(service, record, cached).model_dump(mode="json"), status_code=status,
-                        headers={"Location": f"/v1/tasks/{record.id}"})
+        held = await wait_for(service, held, wait_s)
+    status = 200 if held.work.status.terminal else 202
+    return JSONResponse(to_task(service, held).model_dump(mode="json"), status_code=status,
+                        headers={"Location": f"/v1/tasks/{held.handle.id}"})
 
 
 @v1.post("/batch", tags=["tasks"], operation_id="submitBatch", status_code=202, response_model=TaskList,
          summary="Submit several photos; a bad photo fails its own item only",
-         responses=errors(400, 413, 503))
+         responses={202: {"description": "accepted; items refused for lack of room say `queue_full` "
+                                         "and `retry_after_s`, and so do these headers",
+                          "headers": CAPACITY_REFUSED_HEADERS},
+                    **errors(400, 413), 503: RETRY_LATER})
 async def submit_batch(
     request: Request,
     files: Annotated[list[UploadFile], File(description="JPEG, PNG or WebP photos",
@@ -148,40 +140,25 @@ async def submit_batch(
     service = service_of(request)
     options, _ = parse_options(outputs, overlay_alpha, None)
     service.require_ready()
-    tasks = []
+    owner = owner_of(request)
+    batch = BatchOutcome()
     for upload in files:
-        payload = await upload.read()
-        try:
-            record, cached = await enqueue(service, payload, options)
-        except M2FPError as exc:
-            service.metrics.rejected.labels(code=exc.code).inc()
-            record, cached = _failed_record(service, options, exc), False
-        tasks.append(to_task(service, record, cached))
-    return TaskList(tasks=tasks)
-
-
-def _failed_record(service: Service, options: TaskOptions, exc: M2FPError) -> TaskRecord:
-    """A refused batch item is still a task the client can read, failed from the start."""
-    record = TaskRecord(id=new_task_id(), options=options, key=f"refused:{new_task_id()}")
-    service.store.create(record)
-    fail_task(service.store, record.id, exc.code, exc.message)
-    return service.store.get(record.id) or record
+        batch.items.append(service.submit_item(await upload.read(), options, owner))
+    batch.raise_if_nothing_fits()
+    tasks = [to_task(service, i) if isinstance(i, Holding) else Task.refused(i) for i in batch.items]
+    headers = {}
+    if batch.capacity_refused:
+        headers = {"Retry-After": str(batch.retry_after_s), CAPACITY_REFUSED: str(len(batch.capacity_refused))}
+    return JSONResponse(TaskList(tasks=tasks).model_dump(mode="json"), status_code=202, headers=headers)
 
 
 # -- polling and results ---------------------------------------------------------------
-
-def get_record(service: Service, task_id: str) -> TaskRecord:
-    record = service.store.get(task_id)
-    if record is None:
-        raise NotFound("No such task (it may have expired).")
-    return record
-
 
 @v1.get("/tasks/{task_id}", tags=["tasks"], operation_id="getTask", response_model=Task, summary="Task status",
         responses=errors(404))
 async def get_task(request: Request, task_id: str) -> Task:
     service = service_of(request)
-    return to_task(service, get_record(service, task_id))
+    return to_task(service, service.task(task_id, owner_of(request)))
 
 
 @v1.get("/tasks/{task_id}/events", tags=["tasks"], operation_id="streamTaskEvents", summary="Task changes as server-sent events",
@@ -191,21 +168,21 @@ async def get_task(request: Request, task_id: str) -> Task:
                    **errors(404)})
 async def task_events(request: Request, task_id: str):
     service = service_of(request)
-    get_record(service, task_id)
+    service.task(task_id, owner_of(request))
 
     async def events():
         last = None
         while True:
-            record = service.store.get(task_id)
-            if record is None:
+            held = service.store.lookup(task_id)
+            if held is None:
                 yield {"event": "gone", "data": json.dumps({"id": task_id})}
                 return
-            task = to_task(service, record)
-            snapshot = (record.version, task.queue_position)
+            task = to_task(service, held)
+            snapshot = (held.work.version, task.queue_position)
             if snapshot != last:
                 last = snapshot
-                yield {"event": "task", "id": str(record.version), "data": task.model_dump_json()}
-            if record.status.terminal:
+                yield {"event": "task", "id": str(held.work.version), "data": task.model_dump_json()}
+            if held.work.status.terminal:
                 return
             await asyncio.sleep(EVENT_POLL_INTERVAL_S)
 
@@ -213,15 +190,7 @@ async def task_events(request: Request, task_id: str):
 
 
 def _output(request: Request, task_id: str, name: str, media_type: str) -> Response:
-    service = service_of(request)
-    record = get_record(service, task_id)
-    if record.status is not TaskStatus.succeeded:
-        raise NotReady(f"The task is {record.status.value}; results exist once it has succeeded.")
-    if name not in record.options.outputs:
-        raise NotFound(f"`{name}` was not requested for this task.")
-    data = service.store.get_output(task_id, name)
-    if data is None:
-        raise NotFound("No such task (it may have expired).")
+    data = service_of(request).output(task_id, owner_of(request), name)
     filename = OUTPUT_FILES[name]
     return Response(data, media_type=media_type,
                     headers={"Content-Disposition": f'inline; filename="{task_id}.{filename}"',
@@ -254,15 +223,9 @@ async def get_parts(request: Request, task_id: str):
 
 
 @v1.delete("/tasks/{task_id}", tags=["tasks"], operation_id="deleteTask", status_code=204, response_class=Response,
-           summary="Cancel queued or running work and forget results", responses=errors(404))
+           summary="Forget this task; work no other submission shares is cancelled", responses=errors(404))
 async def delete_task(request: Request, task_id: str):
-    service = service_of(request)
-    record = get_record(service, task_id)
-    if record.status.terminal:
-        service.store.delete(task_id)
-    else:
-        # queued: cancelled now; running: stops at its next stage boundary
-        service.executor.cancel(task_id)
+    service_of(request).delete_task(task_id, owner_of(request))
     return Response(status_code=204)
 
 

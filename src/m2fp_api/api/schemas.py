@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
 
-from ..jobs.models import OUTPUT_FILES, Stage, TaskRecord, TaskStatus
+from ..jobs.models import OUTPUT_FILES, Holding, Refusal, Stage, TaskStatus
 from ..schemas import ParseResultOut
 
 
@@ -39,28 +39,45 @@ class Task(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     expires_at: datetime | None = Field(None, description="when a finished task and its outputs are forgotten")
-    cached: bool = Field(False, description="true when an earlier identical submission answered this one")
+    cached: bool = Field(False, description=(
+        "true when this submission shares the work and outputs of an earlier identical one "
+        "(its id is still its own)"))
     error: ErrorDetail | None = None
+    retry_after_s: int | None = Field(None, description=(
+        "on a batch item refused for capacity (`queue_full`): resubmit it after this many seconds"))
     result: ParseResultOut | None = None
     links: TaskLinks
 
     @classmethod
-    def from_record(cls, record: TaskRecord, *, queue_position: int | None = None,
-                    cached: bool = False) -> "Task":
-        base = f"/v1/tasks/{record.id}"
+    def from_holding(cls, held: Holding, *, queue_position: int | None = None) -> "Task":
+        """A submission's view of the work it holds: its own id, time and `cached`."""
+        record, handle = held.work, held.handle
+        base = f"/v1/tasks/{handle.id}"
         links = {"self": base, "events": f"{base}/events"}
         if record.status is TaskStatus.succeeded:
             links.update({name: f"{base}/{OUTPUT_FILES[name]}" for name in record.options.outputs})
         return cls(
-            id=record.id, status=record.status, stage=record.stage,
+            id=handle.id, status=record.status, stage=record.stage,
             progress=round(record.progress, 4),
             queue_position=queue_position if record.status is TaskStatus.queued else None,
-            created_at=_time(record.created_at), started_at=_time(record.started_at),
+            created_at=_time(handle.created_at), started_at=_time(record.started_at),
             finished_at=_time(record.finished_at), expires_at=_time(record.expires_at),
-            cached=cached,
+            cached=handle.cached,
             error=ErrorDetail(code=record.error_code, message=record.error_message or "")
             if record.error_code else None,
             result=record.result, links=TaskLinks(**links))
+
+    @classmethod
+    def refused(cls, refusal: Refusal) -> "Task":
+        """A refused batch item, failed from the start and kept nowhere: it expires as it
+        is answered (its id then reads 404, like any expired task)."""
+        base = f"/v1/tasks/{refusal.id}"
+        at = _time(refusal.at)
+        return cls(id=refusal.id, status=TaskStatus.failed, stage=Stage.queued, progress=0.0,
+                   created_at=at, finished_at=at, expires_at=at,
+                   error=ErrorDetail(code=refusal.code, message=refusal.message),
+                   retry_after_s=refusal.retry_after_s,
+                   links=TaskLinks(self=base, events=f"{base}/events"))
 
 
 def _time(ts: float | None) -> datetime | None:

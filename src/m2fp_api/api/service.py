@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
 from ..engine import HumanParser, ModelInfo
-from ..engine.images import ImageLimits
+from ..engine.images import ImageLimits, probe_image
+from ..engine.preprocess import network_size
 from ..model import M2FPConfig
-from ..errors import M2FPError, ModelUnavailable
-from ..jobs.executor import Draining, InProcessExecutor
-from ..jobs.store import MemoryStore, TaskStore
+from ..errors import M2FPError, ModelUnavailable, NotFound, NotReady
+from ..jobs.executor import Draining, InProcessExecutor, QueueFull
+from ..jobs.models import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskStatus, content_key,
+                           new_task_id)
+from ..jobs.store import MemoryStore, StoreUnavailable, TaskStore
 from ..metrics import Metrics
 from ..settings import Settings
 
@@ -71,6 +73,28 @@ class RemoteModel:
         info["classes"] = tuple(info["classes"])
         return cls(ModelInfo(**info), M2FPConfig.from_model_section(doc["model"]),
                    ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side))
+
+
+@dataclass
+class BatchOutcome:
+    """The items of one batch, accepted (held work) or refused, in upload order."""
+
+    items: list[Holding | Refusal] = field(default_factory=list)
+
+    @property
+    def capacity_refused(self) -> list[Refusal]:
+        return [i for i in self.items if isinstance(i, Refusal) and i.retry_after_s is not None]
+
+    @property
+    def retry_after_s(self) -> int | None:
+        """When every item refused for capacity may be resubmitted (each booked its place)."""
+        return max((i.retry_after_s for i in self.capacity_refused), default=None)
+
+    def raise_if_nothing_fits(self) -> None:
+        """A batch of which no item got in for want of room is refused whole (503)."""
+        if self.capacity_refused and not any(isinstance(i, Holding) for i in self.items):
+            raise QueueFull("The queue has no room for any item of this batch; retry later.",
+                            self.retry_after_s)
 
 
 class Service:
@@ -159,3 +183,63 @@ class Service:
                 raise self.load_error
             raise NotLoaded("The model is still loading; retry shortly.")
         return self.parser
+
+    # -- tasks: what a submission, a read and a delete may do -------------------------
+    def submit(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding:
+        """Admission control, then the identical live work of the same owner if there is
+        some (shared, under a handle of its own), else new work on the queue."""
+        try:
+            model = self.require_ready()
+            _, width, height = probe_image(payload, model.limits)
+            network_size(width, height, model.config)  # refuses extreme aspect ratios now, not later
+            key = content_key(payload, options, model.info.id, owner)
+            task_id = new_task_id()
+            shared = self.store.share(key, task_id, owner)
+            if shared is not None:
+                return shared
+            record = TaskRecord(id=task_id, options=options, key=key)
+            handle = TaskHandle(id=task_id, work_id=task_id, owner=owner, created_at=record.created_at)
+            self.store.create(record, handle)
+            try:
+                self.executor.submit(task_id, payload, options)
+            except (M2FPError, StoreUnavailable):
+                self.store.delete(task_id)
+                raise
+            return Holding(handle, record)
+        except M2FPError as exc:
+            self.metrics.rejected.labels(code=exc.code).inc()
+            raise
+
+    def submit_item(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding | Refusal:
+        """A batch item: a bad or refused photo fails its own item only."""
+        try:
+            return self.submit(payload, options, owner)
+        except M2FPError as exc:
+            return Refusal(id=new_task_id(), code=exc.code, message=exc.message,
+                           retry_after_s=exc.retry_after_s if isinstance(exc, QueueFull) else None)
+
+    def task(self, task_id: str, owner: str | None) -> Holding:
+        """The caller's task: another owner's is as unknown as one that never existed."""
+        held = self.store.lookup(task_id)
+        if held is None or held.handle.owner != owner:
+            raise NotFound("No such task (it may have expired).")
+        return held
+
+    def output(self, task_id: str, owner: str | None, name: str) -> bytes:
+        work = self.task(task_id, owner).work
+        if work.status is not TaskStatus.succeeded:
+            raise NotReady(f"The task is {work.status.value}; results exist once it has succeeded.")
+        if name not in work.options.outputs:
+            raise NotFound(f"`{name}` was not requested for this task.")
+        data = self.store.get_output(work.id, name)
+        if data is None:
+            raise NotFound("No such task (it may have expired).")
+        return data
+
+    def delete_task(self, task_id: str, owner: str | None) -> None:
+        """Let go of the caller's handle only. Work nobody else holds is cancelled (queued:
+        now; running: at its next stage boundary) or, when finished, forgotten."""
+        self.task(task_id, owner)
+        orphan = self.store.release(task_id)
+        if orphan is not None:
+            self.executor.cancel(orphan.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -43,10 +43,13 @@ class TaskOptions:
     overlay_alpha: float = 0.5
 
 
-def content_key(payload: bytes, options: TaskOptions, model_id: str) -> str:
-    """Identical bytes with identical options on the same model give the same result."""
+def content_key(payload: bytes, options: TaskOptions, model_id: str, owner: str | None) -> str:
+    """Identical bytes with identical options on the same model give the same result. The
+    owner (API key) is part of the key: sharing work across keys would tell one key's
+    clients, by a `cached: true`, what another key's clients have uploaded."""
     digest = hashlib.sha256(payload)
-    digest.update(repr((sorted(options.outputs), round(options.overlay_alpha, 4), model_id)).encode())
+    digest.update(repr((sorted(options.outputs), round(options.overlay_alpha, 4), model_id,
+                        owner)).encode())
     return digest.hexdigest()
 
 
@@ -56,6 +59,9 @@ def new_task_id() -> str:
 
 @dataclass
 class TaskRecord:
+    """The work: one run of the model, and its outputs, shared by the identical
+    submissions that hold it (`TaskHandle`). Executors and workers know only this."""
+
     id: str
     options: TaskOptions
     key: str
@@ -86,3 +92,57 @@ class TaskRecord:
         o = d["options"]
         d["options"] = TaskOptions(outputs=tuple(o["outputs"]), overlay_alpha=float(o["overlay_alpha"]))
         return cls(**d)
+
+
+@dataclass
+class TaskHandle:
+    """One submission's hold on some work: the task id its client sees, and whose it is.
+    Identical submissions share the work and its outputs but never the handle: each has
+    its own, and its DELETE acts on it only. The work's first handle has the work's id.
+
+    A handle cancelled while its work is unfinished lets go of the work (which is
+    cancelled only when no other handle holds it) and keeps its own view of it from
+    then on: `cancelled`, the work as it was, ended as cancelled."""
+
+    id: str
+    work_id: str
+    owner: str | None = None  # the API key's owner id; None when no keys are configured
+    cached: bool = False  # true when it joined work an earlier submission started
+    created_at: float = field(default_factory=time.time)
+    cancelled: TaskRecord | None = None
+
+    def cancel(self, work: TaskRecord, ttl_s: float) -> None:
+        now = time.time()
+        self.cancelled = replace(work, status=TaskStatus.cancelled, finished_at=now, expires_at=now + ttl_s,
+                                 result=None, version=work.version + 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cancelled"] = self.cancelled.to_dict() if self.cancelled else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskHandle":
+        d = dict(d)
+        d["cancelled"] = TaskRecord.from_dict(d["cancelled"]) if d.get("cancelled") else None
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A handle and the work as it sees it (its own view once cancelled), read together."""
+
+    handle: TaskHandle
+    work: TaskRecord
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A batch item refused at submission. It is kept nowhere (refused items must not
+    displace accepted work in the store's bounds): the batch answer is its only record."""
+
+    id: str
+    code: str
+    message: str
+    at: float = field(default_factory=time.time)
+    retry_after_s: int | None = None  # set when refused for capacity: when to resubmit it

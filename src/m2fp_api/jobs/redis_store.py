@@ -1,11 +1,13 @@
 """The task store on Redis, shared by API processes and workers.
 
-Keys (prefix `m2fp:`): `task:{id}` (the record as JSON), `out:{id}:{name}` (output
-bytes), `key:{content key}` (de-duplication index), `finished` (sorted set for the
-count bound). Every write sets an expiry computed from the record, so TTLs survive
-every update: queued and running tasks expire after the longest they could take plus
-the result TTL, finished ones after the result TTL. Redis being unreachable, loading
-or out of memory becomes `StoreUnavailable` (HTTP 503), never a 500.
+Keys (prefix `m2fp:`): `work:{id}` (the work's record as JSON), `out:{id}:{name}` (output
+bytes), `holders:{id}` (the ids of the handles on the work), `task:{id}` (a handle as
+JSON), `key:{content key}` (de-duplication index: the work's id), `finished` (sorted set
+of handles on finished work, by the work's expiry, for the count bound). Every write
+sets an expiry computed from the work's record on all of the work's keys, handles
+included, so TTLs survive every update: unfinished work expires after the longest it
+could take plus the result TTL, finished work after the result TTL. Redis being
+unreachable, loading or out of memory becomes `StoreUnavailable` (HTTP 503), never a 500.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import time
 
 import redis
 
-from .models import TaskRecord, TaskStatus
+from .models import Holding, TaskHandle, TaskRecord, TaskStatus
 from .store import StoreUnavailable
 
 P = "m2fp:"
+FINISHED = P + "finished"
 
 
 def unavailable_on_redis_errors(fn):
@@ -37,6 +40,26 @@ def unavailable_on_redis_errors(fn):
     return wrapped
 
 
+def _work(task_id: str) -> str:
+    return P + f"work:{task_id}"
+
+
+def _holders(task_id: str) -> str:
+    return P + f"holders:{task_id}"
+
+
+def _handle(handle_id: str) -> str:
+    return P + f"task:{handle_id}"
+
+
+def _index(key: str) -> str:
+    return P + f"key:{key}"
+
+
+def _output(task_id: str, name: str) -> str:
+    return P + f"out:{task_id}:{name}"
+
+
 class RedisStore:
     def __init__(self, url: str, *, ttl_s: float, max_finished: int, unfinished_ttl_s: float) -> None:
         self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2,
@@ -52,59 +75,173 @@ class RedisStore:
         return int((self.unfinished_ttl_s + self.ttl_s) * 1000)
 
     @staticmethod
-    def _encode(record: TaskRecord) -> str:
+    def _encode(record: TaskRecord | TaskHandle) -> str:
         return json.dumps(record.to_dict())
+
+    def _read_work(self, client, task_id: str) -> TaskRecord | None:
+        raw = client.get(_work(task_id))
+        return TaskRecord.from_dict(json.loads(raw)) if raw else None
+
+    def _read_handle(self, client, handle_id: str) -> TaskHandle | None:
+        raw = client.get(_handle(handle_id))
+        return TaskHandle.from_dict(json.loads(raw)) if raw else None
+
+    def _transaction(self, body):
+        """Run `body(pipe)` as an optimistic transaction (it WATCHes what it reads, then
+        MULTI), again whenever someone else wrote a watched key first."""
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    return body(pipe)
+                except redis.WatchError:
+                    pipe.reset()
+
+    def _forget_in(self, pipe, record: TaskRecord, holders: set[str], index_owner: bytes | None) -> None:
+        """Queue the deletion of the work, its outputs, its handles and (if it still points
+        to this work) its de-duplication index entry."""
+        pipe.delete(_work(record.id), _holders(record.id),
+                    *(_output(record.id, n) for n in record.options.outputs),
+                    *(_handle(h) for h in holders))
+        if holders:
+            pipe.zrem(FINISHED, *holders)
+        if index_owner == record.id.encode():
+            pipe.delete(_index(record.key))
 
     # -- interface --------------------------------------------------------------------
     @unavailable_on_redis_errors
-    def create(self, record: TaskRecord) -> None:
+    def create(self, record: TaskRecord, handle: TaskHandle) -> None:
         ttl = self._ttl_ms(record)
         pipe = self.redis.pipeline()
-        pipe.set(P + f"task:{record.id}", self._encode(record), px=ttl)
-        pipe.set(P + f"key:{record.key}", record.id, px=ttl)
-        if record.status.terminal:
-            pipe.zadd(P + "finished", {record.id: record.finished_at or time.time()})
+        pipe.set(_work(record.id), self._encode(record), px=ttl)
+        pipe.set(_handle(handle.id), self._encode(handle), px=ttl)
+        pipe.sadd(_holders(record.id), handle.id)
+        pipe.pexpire(_holders(record.id), ttl)
+        pipe.set(_index(record.key), record.id, px=ttl)
         pipe.execute()
 
     @unavailable_on_redis_errors
+    def share(self, key: str, handle_id: str, owner: str | None) -> Holding | None:
+        def attach(pipe) -> Holding | None:
+            pipe.watch(_index(key))
+            work_id = pipe.get(_index(key))
+            if not work_id:
+                return None
+            work_id = work_id.decode()
+            pipe.watch(_work(work_id), _holders(work_id))
+            record = self._read_work(pipe, work_id)
+            if record is None or record.status in (TaskStatus.failed, TaskStatus.cancelled):
+                return None
+            if not record.status.terminal and pipe.scard(_holders(work_id)) >= self.max_finished:
+                return None
+            handle = TaskHandle(id=handle_id, work_id=work_id, owner=owner, cached=True)
+            ttl = self._ttl_ms(record)
+            pipe.multi()
+            pipe.set(_handle(handle_id), self._encode(handle), px=ttl)
+            pipe.sadd(_holders(work_id), handle_id)
+            pipe.pexpire(_holders(work_id), ttl)
+            if record.status.terminal:
+                pipe.zadd(FINISHED, {handle_id: record.expires_at})
+            pipe.execute()
+            return Holding(handle, record)
+
+        held = self._transaction(attach)
+        if held is not None and held.work.status.terminal:
+            self._enforce_bound()
+        return held
+
+    @unavailable_on_redis_errors
+    def lookup(self, handle_id: str) -> Holding | None:
+        handle = self._read_handle(self.redis, handle_id)
+        if handle is None:
+            return None
+        view = handle.cancelled or self._read_work(self.redis, handle.work_id)
+        return Holding(handle, view) if view else None
+
+    @unavailable_on_redis_errors
+    def release(self, handle_id: str) -> TaskRecord | None:
+        released = self._let_go(handle_id)
+        self._enforce_bound()
+        return released
+
+    def _let_go(self, handle_id: str) -> TaskRecord | None:
+        def let_go(pipe) -> TaskRecord | None:
+            pipe.watch(_handle(handle_id))
+            handle = self._read_handle(pipe, handle_id)
+            if handle is None:
+                return None
+            if handle.cancelled is not None:
+                pipe.multi()
+                pipe.delete(_handle(handle_id))
+                pipe.zrem(FINISHED, handle_id)
+                pipe.execute()
+                return None
+            pipe.watch(_work(handle.work_id), _holders(handle.work_id))
+            record = self._read_work(pipe, handle.work_id)
+            others = {h.decode() for h in pipe.smembers(_holders(handle.work_id))} - {handle_id}
+            index_owner = None
+            if record is not None and not others:
+                pipe.watch(_index(record.key))
+                index_owner = pipe.get(_index(record.key))
+            pipe.multi()
+            pipe.srem(_holders(handle.work_id), handle_id)
+            if record is None or record.status.terminal:
+                pipe.delete(_handle(handle_id))
+                pipe.zrem(FINISHED, handle_id)
+                if record is not None and not others:
+                    self._forget_in(pipe, record, set(), index_owner)
+                pipe.execute()
+                return None
+            handle.cancel(record, self.ttl_s)
+            pipe.set(_handle(handle_id), self._encode(handle), px=self._ttl_ms(handle.cancelled))
+            pipe.zadd(FINISHED, {handle_id: handle.cancelled.expires_at})
+            if not others and index_owner == record.id.encode():
+                pipe.delete(_index(record.key))  # nobody waits for it any more: not shared again
+            pipe.execute()
+            return None if others else record
+
+        return self._transaction(let_go)
+
+    @unavailable_on_redis_errors
     def get(self, task_id: str) -> TaskRecord | None:
-        raw = self.redis.get(P + f"task:{task_id}")
-        return TaskRecord.from_dict(json.loads(raw)) if raw else None
+        return self._read_work(self.redis, task_id)
 
     @unavailable_on_redis_errors
     def update(self, task_id: str, *, if_status: tuple[TaskStatus, ...] | None = None,
                **changes) -> TaskRecord | None:
-        key = P + f"task:{task_id}"
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if not raw:
-                        return None
-                    record = TaskRecord.from_dict(json.loads(raw))
-                    if if_status is not None and record.status not in if_status:
-                        return None
-                    for name, value in changes.items():
-                        setattr(record, name, value)
-                    finishing = record.status.terminal and record.expires_at is None
-                    if finishing:
-                        record.finished_at = record.finished_at or time.time()
-                        record.expires_at = record.finished_at + self.ttl_s
-                    record.version += 1
-                    ttl = self._ttl_ms(record)
-                    pipe.multi()
-                    pipe.set(key, self._encode(record), px=ttl)
-                    pipe.pexpire(P + f"key:{record.key}", ttl)
-                    if finishing:
-                        pipe.zadd(P + "finished", {task_id: record.finished_at})
-                        for name in record.options.outputs:
-                            pipe.pexpire(P + f"out:{task_id}:{name}", ttl)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue  # someone else wrote first: read again
-        if finishing:
+        def write(pipe) -> tuple[TaskRecord | None, bool]:
+            pipe.watch(_work(task_id), _holders(task_id))
+            record = self._read_work(pipe, task_id)
+            if record is None or (if_status is not None and record.status not in if_status):
+                return None, False
+            for name, value in changes.items():
+                setattr(record, name, value)
+            finishing = record.status.terminal and record.expires_at is None
+            if finishing:
+                record.finished_at = record.finished_at or time.time()
+                record.expires_at = record.finished_at + self.ttl_s
+            record.version += 1
+            holders = {h.decode() for h in pipe.smembers(_holders(task_id))}
+            index_owner = pipe.get(_index(record.key)) if record.status.terminal and not holders else None
+            ttl = self._ttl_ms(record)
+            pipe.multi()
+            if record.status.terminal and not holders:
+                self._forget_in(pipe, record, holders, index_owner)  # nobody is left to read it
+                pipe.execute()
+                return record, False
+            pipe.set(_work(task_id), self._encode(record), px=ttl)
+            pipe.pexpire(_index(record.key), ttl)
+            pipe.pexpire(_holders(task_id), ttl)
+            for handle_id in holders:
+                pipe.pexpire(_handle(handle_id), ttl)
+            if finishing:
+                pipe.zadd(FINISHED, {h: record.expires_at for h in holders})
+                for name in record.options.outputs:
+                    pipe.pexpire(_output(task_id, name), ttl)
+            pipe.execute()
+            return record, finishing
+
+        record, finished = self._transaction(write)
+        if finished:
             self._enforce_bound()
         return record
 
@@ -116,42 +253,42 @@ class RedisStore:
         ttl = self._ttl_ms(record)
         pipe = self.redis.pipeline()
         for name, data in outputs.items():
-            pipe.set(P + f"out:{task_id}:{name}", data, px=ttl)
+            pipe.set(_output(task_id, name), data, px=ttl)
         pipe.execute()
 
     @unavailable_on_redis_errors
     def get_output(self, task_id: str, name: str) -> bytes | None:
-        return self.redis.get(P + f"out:{task_id}:{name}")
+        return self.redis.get(_output(task_id, name))
 
     @unavailable_on_redis_errors
     def delete(self, task_id: str) -> None:
-        record = self.get(task_id)
-        pipe = self.redis.pipeline()
-        pipe.delete(P + f"task:{task_id}")
-        pipe.zrem(P + "finished", task_id)
-        if record is not None:
-            pipe.delete(*(P + f"out:{task_id}:{n}" for n in record.options.outputs))
-            pipe.delete(P + f"key:{record.key}")
-        pipe.execute()
+        def forget(pipe) -> None:
+            pipe.watch(_work(task_id), _holders(task_id))
+            record = self._read_work(pipe, task_id)
+            if record is None:
+                pipe.multi()
+                pipe.delete(_holders(task_id))
+                pipe.execute()
+                return
+            holders = {h.decode() for h in pipe.smembers(_holders(task_id))}
+            index_owner = pipe.get(_index(record.key))
+            pipe.multi()
+            self._forget_in(pipe, record, holders, index_owner)
+            pipe.execute()
 
-    @unavailable_on_redis_errors
-    def find_by_key(self, key: str) -> TaskRecord | None:
-        task_id = self.redis.get(P + f"key:{key}")
-        record = self.get(task_id.decode()) if task_id else None
-        if record is None or record.status in (TaskStatus.failed, TaskStatus.cancelled):
-            return None
-        return record
+        self._transaction(forget)
 
     @unavailable_on_redis_errors
     def sweep(self) -> int:
-        """Keys expire by themselves; this only trims the index of finished tasks."""
-        return self.redis.zremrangebyscore(P + "finished", 0, time.time() - self.ttl_s)
+        """Keys expire by themselves; this only trims the index of handles on finished work."""
+        return self.redis.zremrangebyscore(FINISHED, 0, time.time())
 
     def _enforce_bound(self) -> None:
-        excess = self.redis.zcard(P + "finished") - self.max_finished
+        self.sweep()
+        excess = self.redis.zcard(FINISHED) - self.max_finished
         if excess > 0:
-            for task_id, _ in self.redis.zpopmin(P + "finished", excess):
-                self.delete(task_id.decode())
+            for handle_id, _ in self.redis.zpopmin(FINISHED, excess):
+                self._let_go(handle_id.decode())  # finished views: forgotten
 
     @unavailable_on_redis_errors
     def ping(self) -> None:

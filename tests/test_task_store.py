@@ -1,0 +1,144 @@
+"""The task store's contract, the same for the in-memory store and the Redis one (a real
+redis-server): shared work under separate handles, what a handle's DELETE does, and
+the bounds (issue 11, items 5 and 6)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from server import Redis
+
+from m2fp_api.jobs.models import TaskHandle, TaskOptions, TaskRecord, TaskStatus
+from m2fp_api.jobs.store import MemoryStore
+
+HAS_REDIS = shutil.which("redis-server") is not None
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    if not HAS_REDIS:
+        pytest.skip("Debian's redis-server is not installed (scripts/ensure-test-services.sh)")
+    r = Redis()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request):
+    def make(ttl_s: float = 60, max_finished: int = 100):
+        if request.param == "memory":
+            return MemoryStore(ttl_s=ttl_s, max_finished=max_finished, max_output_bytes=2**30)
+        from m2fp_api.jobs.redis_store import RedisStore
+
+        store = RedisStore(request.getfixturevalue("redis_server").url, ttl_s=ttl_s,
+                           max_finished=max_finished, unfinished_ttl_s=60)
+        store.redis.flushdb()
+        return store
+    return make
+
+
+def new_work(store, key: str) -> TaskRecord:
+    """New work with its first handle (same id), as a submission creates it."""
+    record = TaskRecord(id=f"{key}-w", options=TaskOptions(outputs=("mask",)), key=key)
+    store.create(record, TaskHandle(id=record.id, work_id=record.id))
+    return record
+
+
+def finish(store, work_id: str) -> None:
+    store.put_outputs(work_id, {"mask": b"png"})
+    store.update(work_id, status=TaskStatus.succeeded)
+
+
+def test_identical_submissions_share_work_under_their_own_handles(make_store):
+    store = make_store()
+    work = new_work(store, "k")
+    held = store.share("k", "h2", owner=None)
+    assert held.handle.id == "h2" and held.handle.cached and held.work.id == work.id
+    assert store.lookup("h2").work.id == work.id and not store.lookup(work.id).handle.cached
+    assert store.share("other-key", "h3", None) is None
+    assert store.lookup("h3") is None
+
+
+def test_deleting_one_handle_of_unfinished_work_cancels_that_handle_only(make_store):
+    store = make_store()
+    work = new_work(store, "k")
+    store.share("k", "h2", None)
+    assert store.release("h2") is None  # another handle still waits: nothing to cancel
+    assert store.lookup("h2").work.status is TaskStatus.cancelled
+    assert store.lookup(work.id).work.status is TaskStatus.queued
+    finish(store, work.id)
+    assert store.lookup(work.id).work.status is TaskStatus.succeeded
+    assert store.lookup("h2").work.status is TaskStatus.cancelled  # its own view, kept
+    store.release("h2")
+    assert store.lookup("h2") is None and store.get_output(work.id, "mask") == b"png"
+
+
+def test_the_last_handle_of_unfinished_work_hands_it_over_for_cancelling(make_store):
+    store = make_store()
+    work = new_work(store, "k")
+    store.share("k", "h2", None)
+    store.release("h2")
+    orphan = store.release(work.id)
+    assert orphan is not None and orphan.id == work.id
+    assert store.share("k", "h3", None) is None  # not shared again
+    store.update(work.id, status=TaskStatus.cancelled)  # what the executor then does
+    assert store.get(work.id) is None  # nobody holds it: forgotten at once
+    assert store.lookup(work.id).work.status is TaskStatus.cancelled
+
+
+def test_finished_work_lives_while_a_handle_holds_it(make_store):
+    store = make_store()
+    work = new_work(store, "k")
+    finish(store, work.id)
+    shared = store.share("k", "h2", None)
+    assert shared.work.status is TaskStatus.succeeded
+    assert store.release(work.id) is None and store.lookup(work.id) is None
+    assert store.get_output(work.id, "mask") == b"png"  # h2 still holds it
+    store.release("h2")
+    assert store.get(work.id) is None and store.get_output(work.id, "mask") is None
+    assert store.share("k", "h3", None) is None
+
+
+def test_count_bound_evicts_handles_on_finished_work_only(make_store):
+    store = make_store(max_finished=2)
+    works = [new_work(store, f"k{i}") for i in range(4)]
+    waiting = new_work(store, "queued")
+    for w in works:
+        finish(store, w.id)
+        time.sleep(0.01)
+    assert [store.lookup(w.id) is not None for w in works] == [False, False, True, True]
+    assert store.get(works[0].id) is None  # work goes with its last handle
+    assert store.lookup(waiting.id).work.status is TaskStatus.queued
+
+
+def test_unfinished_work_is_shared_by_a_bounded_number_of_handles(make_store):
+    store = make_store(max_finished=3)
+    new_work(store, "k")
+    assert [store.share("k", f"h{i}", None) is not None for i in range(3)] == [True, True, False]
+
+
+def test_a_cancelled_handle_expires_after_the_result_ttl(make_store):
+    store = make_store(ttl_s=0.5)
+    work = new_work(store, "k")
+    store.share("k", "h2", None)
+    store.release("h2")
+    assert store.lookup("h2").work.expires_at <= time.time() + 0.5
+    time.sleep(0.7)
+    store.sweep()
+    assert store.lookup("h2") is None and store.lookup(work.id).work.status is TaskStatus.queued
+
+
+def test_redis_handles_expire_with_their_work(redis_server):
+    from m2fp_api.jobs.redis_store import RedisStore
+
+    store = RedisStore(redis_server.url, ttl_s=2, max_finished=10, unfinished_ttl_s=60)
+    store.redis.flushdb()
+    work = new_work(store, "k")
+    store.share("k", "h2", None)
+    finish(store, work.id)
+    for key in (f"m2fp:task:{work.id}", "m2fp:task:h2", f"m2fp:work:{work.id}", f"m2fp:out:{work.id}:mask",
+                f"m2fp:holders:{work.id}", "m2fp:key:k"):
+        assert 0 < store.redis.pttl(key) <= 2000, key
