@@ -3,14 +3,17 @@
 - The request line and headers are at most `max_header_bytes` (431).
 - The body is at most `max_body_bytes` (413): a declared Content-Length over it is
   refused before a byte is read, a chunked body the moment it passes it.
-- All requests in progress hold at most `UploadBudget.limit` body bytes at once (503
-  `uploads_busy`): a declared length is reserved from the head, before the body is
-  read; a chunked body reserves as it arrives. Without this, a thousand clients that
-  each send a megabyte and stall hold a gigabyte (the form parser keeps the first
-  megabyte of each file in memory).
+- Bodies being received hold at most `UploadBudget.limit` bytes at once (503
+  `uploads_busy`): a declared length is reserved from the head, before the body is read,
+  and returned once the body is in; a chunked body reserves as it arrives. Without this,
+  a thousand clients that each send a megabyte and stall hold a gigabyte (the form
+  parser keeps the first megabyte of each file in memory).
 - A body must keep arriving: no pause longer than `body_timeout_s`, and, once that
   grace is over, an average pace of at least `min_rate` bytes a second (408, and the
   connection is closed). The head has its own deadline in the protocol (protocol.py).
+- When the budget is short, a body that has kept the server waiting for
+  `IDLE_DROP_S` gives its room up (408) to the request that needs it: stalled clients
+  cannot keep active ones out. The protocol does the same with connections.
 
 Refusals are answered here, with `Connection: close`, so that an unread body is
 dropped with the connection rather than read to find the next request.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from typing import NoReturn
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -28,11 +32,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.memory import release_free_memory
 
+# A client that has kept the server waiting this long is dropped when others need its
+# room (upload budget, connections); an honest upload does not pause this long.
+IDLE_DROP_S = 2.0
 # Refused clients are told to come back after a spread of delays, not all at once.
 RETRY_AFTER_S = (2, 8)
-# After this many body bytes were held and released, give the freed heap back to the OS
+# Once this many body bytes were held and returned, give the freed heap back to the OS
 # (glibc keeps it otherwise, and the RSS would stay at the stall's peak).
 TRIM_AFTER_BYTES = 32 * 2**20
+BUSY = "The server is receiving as many uploads as it can hold; retry shortly."
 
 
 def retry_after() -> str:
@@ -58,36 +66,49 @@ def too_large(limit: int) -> str:
     return f"The request body is over the limit of {limit} bytes."
 
 
-BUSY = "The server is receiving as many uploads as it can hold; retry shortly."
-
-
 def has_body(scope: Scope) -> bool:
     headers = dict(scope.get("headers") or [])
     return headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
 
 
 class UploadBudget:
-    """Body bytes held by requests in progress. Used from the event loop only."""
+    """Body bytes held by requests whose body is still arriving. Event loop only."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
-        self.released_since_trim = 0
+        self.returned_since_trim = 0
+        self.waiting: set[_BodyStream] = set()  # bodies the server is waiting on
 
-    def take(self, n: int) -> bool:
+    def take(self, stream: "_BodyStream", n: int) -> bool:
+        if self.held + n > self.limit:
+            self._drop_idle(self.held + n - self.limit)
         if self.held + n > self.limit:
             return False
         self.held += n
+        stream.held += n
         return True
 
-    def give(self, n: int) -> bool:
-        """Returns n bytes; True when it is time to give freed heap back to the OS."""
-        self.held -= n
-        self.released_since_trim += n
-        if self.held == 0 and self.released_since_trim >= TRIM_AFTER_BYTES:
-            self.released_since_trim = 0
-            return True
-        return False
+    def give_back(self, stream: "_BodyStream") -> None:
+        self.held -= stream.held
+        self.returned_since_trim += stream.held
+        stream.held = 0
+
+    def trim_due(self) -> bool:
+        if self.held or self.returned_since_trim < TRIM_AFTER_BYTES:
+            return False
+        self.returned_since_trim = 0
+        return True
+
+    def _drop_idle(self, needed: int) -> None:
+        now = asyncio.get_running_loop().time()
+        idle = sorted((s for s in self.waiting if s.held and now - s.waiting_since >= IDLE_DROP_S),
+                      key=lambda s: s.waiting_since)
+        for stream in idle:
+            if needed <= 0:
+                return
+            needed -= stream.held
+            stream.drop()
 
 
 class RequestRefused(HTTPException):
@@ -110,7 +131,7 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        head = (len(scope["raw_path"]) + len(scope["query_string"])
+        head = (len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
                 + sum(len(k) + len(v) + 4 for k, v in scope["headers"]))
         if head > self.max_header_bytes:
             await send_error(send, 431, "headers_too_large", (
@@ -121,24 +142,27 @@ class RequestLimits:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await send_error(send, 413, "payload_too_large", too_large(self.max_body_bytes), close=True)
             return
-        reserved = int(declared or 0)
-        if not self.budget.take(reserved):
+        stream = _BodyStream(self, scope, receive, send)
+        if not self.budget.take(stream, int(declared or 0)):
             await send_error(send, 503, "uploads_busy", BUSY, {"retry-after": retry_after()}, close=True)
             return
-        await _BodyStream(self, scope, receive, send, reserved).run()
+        await stream.run()
 
 
 class _BodyStream:
     """One request's body as it arrives: counted, reserved, and held to its deadlines."""
 
-    def __init__(self, limits: RequestLimits, scope: Scope, receive: Receive, send: Send,
-                 reserved: int) -> None:
-        self.limits, self.scope, self._receive, self._send = limits, scope, receive, send
-        self.reserved = reserved
+    def __init__(self, limits: RequestLimits, scope: Scope, receive: Receive, send: Send) -> None:
+        self.limits, self.budget = limits, limits.budget
+        self.scope, self._receive, self._send = scope, receive, send
+        self.held = 0
         self.received = 0
         self.complete = not has_body(scope)
         self.started = asyncio.get_running_loop().time()
         self.last_data = self.started
+        self.waiting_since = 0.0
+        self.wait: asyncio.Timeout | None = None
+        self.dropped = False
         self.response_started = False
         self.refused = False
 
@@ -148,7 +172,8 @@ class _BodyStream:
         except RequestRefused:  # raised outside the framework's handlers
             pass
         finally:
-            if self.limits.budget.give(self.reserved):
+            self.budget.give_back(self)
+            if self.budget.trim_due():
                 await run_in_threadpool(release_free_memory)
 
     def deadline(self) -> float:
@@ -156,17 +181,31 @@ class _BodyStream:
         paced = self.started + limits.body_timeout_s + self.received / limits.min_rate
         return min(self.last_data + limits.body_timeout_s, paced)
 
+    def drop(self) -> None:
+        """Gives this body's room up at once; its wait ends now, with a 408."""
+        self.dropped = True
+        self.budget.give_back(self)
+        if self.wait is not None:
+            self.wait.reschedule(asyncio.get_running_loop().time())
+
     async def receive(self) -> Message:
         if self.complete:
             return await self._receive()
-        # A message already buffered is returned without waiting, so the deadline only
-        # fires when the server is waiting on the client, not when it was slow to read.
+        # A message already buffered is returned without suspending, so the deadline
+        # only fires when the server is waiting on the client, not when it was slow to read.
+        self.waiting_since = asyncio.get_running_loop().time()
+        self.budget.waiting.add(self)
         try:
-            async with asyncio.timeout_at(self.deadline()):
+            async with asyncio.timeout_at(self.deadline()) as self.wait:
                 message = await self._receive()
         except TimeoutError:
-            await self.refuse(408, "request_timeout",
-                              "The request body arrived too slowly or stopped; the connection is closed.")
+            await self.refuse(408, "request_timeout", (
+                "The request body stopped while others needed its room; the connection is closed."
+                if self.dropped else
+                "The request body arrived too slowly or stopped; the connection is closed."))
+        finally:
+            self.wait = None
+            self.budget.waiting.discard(self)
         if message["type"] != "http.request":
             return message
         chunk = len(message.get("body", b""))
@@ -176,10 +215,10 @@ class _BodyStream:
             self.last_data = asyncio.get_running_loop().time()
         if self.received > self.limits.max_body_bytes:
             await self.refuse(413, "payload_too_large", too_large(self.limits.max_body_bytes))
-        if self.received > self.reserved:  # a chunked body reserves as it arrives
-            if not self.limits.budget.take(self.received - self.reserved):
-                await self.refuse(503, "uploads_busy", BUSY, {"retry-after": retry_after()})
-            self.reserved = self.received
+        if self.complete:
+            self.budget.give_back(self)  # the body is in: its bytes are the route's now
+        elif self.received > self.held and not self.budget.take(self, self.received - self.held):
+            await self.refuse(503, "uploads_busy", BUSY, {"retry-after": retry_after()})  # chunked
         return message
 
     async def send(self, message: Message) -> None:
@@ -191,7 +230,8 @@ class _BodyStream:
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
         await self._send(message)
 
-    async def refuse(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    async def refuse(self, status: int, code: str, message: str,
+                     headers: dict[str, str] | None = None) -> NoReturn:
         if not self.response_started:
             await send_error(self._send, status, code, message, headers, close=True)
             self.refused = True

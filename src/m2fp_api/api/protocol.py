@@ -10,8 +10,11 @@ not at all, holds it for ever. Here:
 - the head must arrive within `header_timeout_s` of the connection opening (or of the
   previous response): data arriving does not extend it, so trickling does not help. A
   client that sent part of a head gets a JSON 408; one that sent nothing is closed;
-- a connection past `max_connections` is answered 503 `too_many_connections` as soon as
-  its head arrives, and closed.
+- past `max_connections` open connections, the one that has kept the server waiting
+  longest (at least `IDLE_DROP_S`: an idle keep-alive, a stalled head or body) is closed
+  to make room, as nginx does with idle keep-alive connections; when none has, the new
+  connection is answered 503 `too_many_connections` as soon as its head arrives, and
+  closed.
 
 Everything else, including keep-alive and the body, is uvicorn's.
 """
@@ -26,7 +29,7 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .limits import error_body, retry_after, send_error
+from .limits import IDLE_DROP_S, error_body, retry_after, send_error
 
 
 def raw_error(status: int, code: str, message: str) -> bytes:
@@ -57,8 +60,8 @@ class _Connection(h11.Connection):
 
 
 class GuardedH11Protocol(H11Protocol):
-    header_timeout_s: float = 10.0
-    max_connections: int = 512
+    header_timeout_s: float  # set by guarded_protocol()
+    max_connections: int
 
     def __init__(self, config, server_state, app_state, _loop=None) -> None:
         super().__init__(config, server_state, app_state, _loop)
@@ -66,14 +69,17 @@ class GuardedH11Protocol(H11Protocol):
                                 or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
         self.header_timer: asyncio.TimerHandle | None = None
         self.head_started = False
+        self.last_activity = self.loop.time()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
+        open_now = sum(1 for c in self.connections if not c.transport.is_closing())
+        if open_now > self.max_connections and not self._drop_the_idlest():
             self.app = too_many_connections
         self._arm_header_timer(head_started=False)
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
         if self.conn.their_state is h11.IDLE:
             self.head_started = True
         super().data_received(data)
@@ -81,6 +87,7 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel_header_timer()
 
     def on_response_complete(self) -> None:
+        self.last_activity = self.loop.time()
         super().on_response_complete()
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             # the next head (perhaps partly pipelined already) has the same deadline
@@ -91,11 +98,39 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()  # malformed data while an answer is under way: only closing is left
+            return
         if self.conn.error_status_hint == 431:
             response = raw_error(431, "headers_too_large", "The request line and headers are too large.")
         else:
             response = raw_error(400, "bad_request", "The request line or headers are not valid HTTP/1.1.")
         self.transport.write(response)
+        self.transport.close()
+
+    def idle_for(self, now: float) -> float:
+        """How long this connection has kept the server waiting on its client: 0 while the
+        server is the busy side (answering, or not reading because the app is behind)."""
+        cycle = self.cycle
+        answering = cycle is not None and cycle.response_started and not cycle.response_complete
+        waiting = (self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not answering
+                   and not self.flow.read_paused and not self.transport.is_closing())
+        return now - self.last_activity if waiting else 0.0
+
+    def _drop_the_idlest(self) -> bool:
+        now = self.loop.time()
+        idlest = max((c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self),
+                     key=lambda c: c.idle_for(now), default=None)
+        if idlest is None or idlest.idle_for(now) < IDLE_DROP_S:
+            return False
+        idlest._close("The request stopped arriving while others needed the connection; it is closed.")
+        return True
+
+    def _close(self, reason: str) -> None:
+        """Closes the connection; a client part-way through a request is told why (408)."""
+        if self.head_started or self.conn.their_state is h11.SEND_BODY:
+            self.transport.write(raw_error(408, "request_timeout", reason))
         self.transport.close()
 
     def _arm_header_timer(self, head_started: bool) -> None:
@@ -110,12 +145,8 @@ class GuardedH11Protocol(H11Protocol):
 
     def _header_timed_out(self) -> None:
         self.header_timer = None
-        if self.transport.is_closing():
-            return
-        if self.head_started:
-            self.transport.write(raw_error(408, "request_timeout",
-                                           "The request head arrived too slowly; the connection is closed."))
-        self.transport.close()
+        if not self.transport.is_closing():
+            self._close("The request head arrived too slowly; the connection is closed.")
 
 
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[GuardedH11Protocol]:
