@@ -73,11 +73,13 @@ class Settings(BaseSettings):
         "under /x/). Add \"/metrics\", \"/docs\", \"/openapi.json\" to expose them."))
 
     # --- connections and uploads (slow or stalled clients) -----------------------------
-    max_connections: int = Field(512, ge=1, description=(
-        "Open connections at most; a request on one past it gets 503 `too_many_connections`."))
-    max_uploads_mb: float = Field(160, gt=0, description=(
-        "Request body bytes held at once by all requests in progress (declared or received); "
-        "a request past it gets 503 `uploads_busy` before its body is read."))
+    max_connections: int = Field(256, ge=1, description=(
+        "Open connections at most; past it the idlest one (idle 2 s or more) is closed to make "
+        "room, else the newcomer gets 503 `too_many_connections`."))
+    max_uploads_mb: float = Field(128, gt=0, description=(
+        "Body bytes held at once by requests whose body is arriving (a declared length is "
+        "reserved from the head); past it a body stalled 2 s or more gives its room up, else "
+        "503 `uploads_busy` before the body is read."))
     max_header_kb: int = Field(16, gt=0, description=(
         "Largest request line plus headers (431 `headers_too_large` above)."))
     header_timeout_s: float = Field(10, gt=0, description=(

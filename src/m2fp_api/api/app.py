@@ -158,6 +158,7 @@ def serve(settings: Settings | None = None) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=5, timeout_keep_alive=settings.keep_alive_s,
                             http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
+                            ws="none",  # no WebSocket routes: upgrade requests stay plain HTTP
                             h11_max_incomplete_event_size=settings.max_header_kb * 1024)
     DrainingServer(config, service).run()
     if service.executor.in_flight():
