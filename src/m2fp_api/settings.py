@@ -77,9 +77,9 @@ class Settings(BaseSettings):
         "Open connections at most; past it the idlest one (idle 2 s or more) is closed to make "
         "room, else the newcomer gets 503 `too_many_connections`."))
     max_uploads_mb: float = Field(128, gt=0, description=(
-        "Body bytes held at once by requests whose body is arriving (a declared length is "
-        "reserved from the head); past it a body stalled 2 s or more gives its room up, else "
-        "503 `uploads_busy` before the body is read."))
+        "Body bytes held at once by requests whose body is arriving (what has arrived, plus "
+        "512 KB of read-ahead each); past it a body stalled 2 s or more gives its room up, "
+        "else 503 `uploads_busy`."))
     max_header_kb: int = Field(16, gt=0, description=(
         "Largest request line plus headers (431 `headers_too_large` above)."))
     header_timeout_s: float = Field(10, gt=0, description=(

@@ -94,9 +94,7 @@ class Authenticate:
 def declare_security(spec: dict, open_paths: OpenPaths, required: bool) -> dict:
     """Declare the two ways to present a key, and on every operation outside the open paths
     the 401 and the key requirement (optional while no key is configured)."""
-    components = spec.setdefault("components", {})
-    components.setdefault("schemas", {})
-    components["securitySchemes"] = {
+    spec.setdefault("components", {})["securitySchemes"] = {
         BEARER: {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
         API_KEY_HEADER: {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     }

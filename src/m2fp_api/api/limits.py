@@ -4,10 +4,13 @@
 - The body is at most `max_body_bytes` (413): a declared Content-Length over it is
   refused before a byte is read, a chunked body the moment it passes it.
 - Bodies being received hold at most `UploadBudget.limit` bytes at once (503
-  `uploads_busy`): a declared length is reserved from the head, before the body is read,
-  and returned once the body is in; a chunked body reserves as it arrives. Without this,
-  a thousand clients that each send a megabyte and stall hold a gigabyte (the form
-  parser keeps the first megabyte of each file in memory).
+  `uploads_busy`): each holds what has arrived of it plus what the server may have read
+  ahead of the application (`READ_AHEAD_BYTES`, taken from the head, before the body is
+  read); all is returned once the body is in. Without this, a thousand clients that
+  each send a megabyte and stall hold a gigabyte (the form parser keeps the first
+  megabyte of each file in memory). Counting what arrived, not what a head declares,
+  makes a client pay in bandwidth for the room it holds: a head that promises 19 MB
+  holds no more than one that promises 1 MB.
 - A body must keep arriving: no pause longer than `body_timeout_s`, and, once that
   grace is over, an average pace of at least `min_rate` bytes a second (408, and the
   connection is closed). The head has its own deadline in the protocol (protocol.py).
@@ -41,6 +44,10 @@ RETRY_AFTER_S = (2, 8)
 # (glibc keeps it otherwise, and the RSS would stay at the stall's peak).
 TRIM_AFTER_BYTES = 32 * 2**20
 BUSY = "The server is receiving as many uploads as it can hold; retry shortly."
+# What the server may hold of a body beyond what the application has received: the
+# protocol reads 64 KB at a time, uvicorn pauses reading once 64 KB wait for the
+# application, and each piece is copied a few times on its way to the spooled file.
+READ_AHEAD_BYTES = 512 * 1024
 
 
 def retry_after() -> str:
@@ -142,19 +149,22 @@ class RequestLimits:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await send_error(send, 413, "payload_too_large", too_large(self.max_body_bytes), close=True)
             return
-        stream = _BodyStream(self, scope, receive, send)
-        if not self.budget.take(stream, int(declared or 0)):
+        stream = _BodyStream(self, scope, receive, send, int(declared) if declared else None)
+        if not self.budget.take(stream, stream.room_wanted()):
             await send_error(send, 503, "uploads_busy", BUSY, {"retry-after": retry_after()}, close=True)
             return
         await stream.run()
 
 
 class _BodyStream:
-    """One request's body as it arrives: counted, reserved, and held to its deadlines."""
+    """One request's body as it arrives: counted, held in the budget, and held to its
+    deadlines."""
 
-    def __init__(self, limits: RequestLimits, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, limits: RequestLimits, scope: Scope, receive: Receive, send: Send,
+                 declared: int | None) -> None:
         self.limits, self.budget = limits, limits.budget
         self.scope, self._receive, self._send = scope, receive, send
+        self.declared = declared
         self.held = 0
         self.received = 0
         self.complete = not has_body(scope)
@@ -175,6 +185,12 @@ class _BodyStream:
             self.budget.give_back(self)
             if self.budget.trim_due():
                 await run_in_threadpool(release_free_memory)
+
+    def room_wanted(self) -> int:
+        if self.complete:
+            return 0
+        ahead = self.received + READ_AHEAD_BYTES
+        return ahead if self.declared is None else min(ahead, self.declared)
 
     def deadline(self) -> float:
         limits = self.limits
@@ -217,8 +233,8 @@ class _BodyStream:
             await self.refuse(413, "payload_too_large", too_large(self.limits.max_body_bytes))
         if self.complete:
             self.budget.give_back(self)  # the body is in: its bytes are the route's now
-        elif self.received > self.held and not self.budget.take(self, self.received - self.held):
-            await self.refuse(503, "uploads_busy", BUSY, {"retry-after": retry_after()})  # chunked
+        elif self.room_wanted() > self.held and not self.budget.take(self, self.room_wanted() - self.held):
+            await self.refuse(503, "uploads_busy", BUSY, {"retry-after": retry_after()})
         return message
 
     async def send(self, message: Message) -> None:

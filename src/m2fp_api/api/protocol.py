@@ -16,6 +16,10 @@ not at all, holds it for ever. Here:
   connection is answered 503 `too_many_connections` as soon as its head arrives, and
   closed.
 
+- a connection reads at most `READ_BYTES` at a time (asyncio's default is 256 KB):
+  with uvicorn pausing reading once 64 KB wait for the application, a streaming body
+  holds at most ~128 KB of buffers besides what the application has received.
+
 Everything else, including keep-alive and the body, is uvicorn's.
 """
 
@@ -30,6 +34,8 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .limits import IDLE_DROP_S, error_body, retry_after, send_error
+
+READ_BYTES = 64 * 1024
 
 
 def raw_error(status: int, code: str, message: str) -> bytes:
@@ -59,12 +65,13 @@ class _Connection(h11.Connection):
             raise
 
 
-class GuardedH11Protocol(H11Protocol):
+class GuardedH11Protocol(H11Protocol, asyncio.BufferedProtocol):
     header_timeout_s: float  # set by guarded_protocol()
     max_connections: int
 
     def __init__(self, config, server_state, app_state, _loop=None) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        self.read_buffer = memoryview(bytearray(READ_BYTES))
         self.conn = _Connection(h11.SERVER, config.h11_max_incomplete_event_size
                                 or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
         self.header_timer: asyncio.TimerHandle | None = None
@@ -77,6 +84,12 @@ class GuardedH11Protocol(H11Protocol):
         if open_now > self.max_connections and not self._drop_the_idlest():
             self.app = too_many_connections
         self._arm_header_timer(head_started=False)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self.read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
