@@ -2,10 +2,11 @@
 random checkpoint, alongside an abusive load: connections that stall mid-body or
 mid-head, and uploads that crawl. Reports how many normal clients were served and
 checks that every normal request was answered (accepted, or told when to retry), that
-the abuse rarely turned one away, that nothing accepted is lost, that nothing but
-capacity refusals is a 5xx, that every abusive connection is closed by the server
-within its timeouts, and that the process stays under its memory ceiling. Not part of
-`make test` (minutes; `--quick` for a 30-second run).
+the inference slot was kept busy throughout (the abuse did not starve it of work), that
+nothing accepted is lost, that nothing but capacity refusals is a 5xx, that every
+abusive connection is closed by the server within its timeouts, and that the process
+stays under its memory ceiling. Not part of `make test` (minutes; `--quick` for a
+30-second run).
 
 usage: python scripts/loadtest.py [--clients 32] [--seconds 120] [--stallers 300] [--slow 8] [--quick]
 """
@@ -38,7 +39,7 @@ from m2fp_api.settings import Settings
 
 SIZES = [(640, 480), (1280, 720), (1920, 1080), (2592, 1944), (4000, 3000)]
 # answers that mean "busy, come back later", not a failure; the last two are what an
-# abusive load could cost normal clients
+# abusive load may cost normal clients (reported)
 CAPACITY_CODES = {"queue_full", "uploads_busy", "too_many_connections"}
 ABUSE_CODES = {"uploads_busy", "too_many_connections"}
 MB = 2**20
@@ -236,6 +237,23 @@ def stallers(count: int, port: int, stop_at: float, tally: Tally) -> None:
     sel.close()
 
 
+def slot_use(url: str, start_at: float, stop_at: float, samples: Counter) -> None:
+    """Samples /metrics twice a second: was a task running?"""
+    with httpx.Client(base_url=url, timeout=5) as c:
+        while time.monotonic() < stop_at:
+            time.sleep(0.5)
+            if time.monotonic() < start_at:
+                continue  # the queue fills up first
+            try:
+                text = c.get("/metrics").text
+            except httpx.TransportError:
+                samples["unknown"] += 1
+                continue
+            running = next((float(line.split()[1]) for line in text.splitlines()
+                            if line.startswith("m2fp_in_flight ")), 0.0)
+            samples["busy" if running > 0 else "idle"] += 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=32, help="normal clients")
@@ -293,6 +311,8 @@ def main() -> int:
     threads += [threading.Thread(target=slow_client, args=(i, port, PACES[name], photos, stop_at, slow[name]))
                 for i, name in zip(range(args.slow), list(PACES) * args.slow)]
     threads.append(threading.Thread(target=stallers, args=(args.stallers, port, stop_at, stalled)))
+    slot_samples: Counter = Counter()
+    threads.append(threading.Thread(target=slot_use, args=(url, time.monotonic() + 10, stop_at, slot_samples)))
     for t in threads:
         t.start()
     for t in threads:
@@ -329,6 +349,8 @@ def main() -> int:
                          if k.startswith("5") and k.split(":")[-1] not in CAPACITY_CODES)
     unanswered = sum(v for k, v in normal.outcomes.items() if not k.startswith(("200", "202", "503")))
     turned_away = sum(v for k, v in normal.outcomes.items() if k.split(":")[-1] in ABUSE_CODES)
+    sampled = slot_samples["busy"] + slot_samples["idle"]
+    slot_busy = slot_samples["busy"] / sampled if sampled else 0.0
     report = {
         "seconds": args.seconds, "slots": model["slots"],
         "normal": {"clients": args.clients, "served": len(normal.served_clients),
@@ -338,18 +360,18 @@ def main() -> int:
                                 "longest_s": round(t.longest_open_s, 1)} for name, t in slow.items()},
         "stalled": {"connections": args.stallers, "outcomes": dict(stalled.outcomes),
                     "longest_open_s": round(stalled.longest_open_s, 1), "limit_s": stall_limit_s},
+        "slot_busy_share": round(slot_busy, 3), "slot_samples": dict(slot_samples),
         "final": dict(final), "errors": dict(errors), "lost": len(pending),
         "unexpected_5xx": unexpected_5xx,
         "idle_rss_gb": round(idle_rss / 1e9, 3), "peak_rss_gb": round(peak_rss / 1e9, 3),
         "server_log": log.name,
     }
     print(json.dumps(report, indent=2))
-    total = sum(normal.outcomes.values())
     checks = {
-        # with one slot the queue decides how many are served; the abuse must not
+        # with one slot the queue decides how many are served, as long as it stays fed
         "normal clients served": bool(normal.served_clients),
         "normal requests answered (accepted or told when to retry)": unanswered == 0,
-        "normal requests rarely turned away by the abuse (<= 10 %)": turned_away <= 0.1 * total,
+        "the slot kept busy despite the abuse (>= 95 % of samples)": slot_busy >= 0.95,
         "nothing lost": not pending and not final.get("http 404"),
         "no unexpected 5xx": unexpected_5xx == 0,
         "peak RSS under 2 GiB": peak_rss < 2 * 2**30,
