@@ -34,9 +34,11 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
+        # no background compile: dozens of test servers would fight over two cores for
+        # it (compilation is tested on its own, in test_backends)
         env.update({"M2FP_HOST": "127.0.0.1", "M2FP_PORT": str(self.port), "M2FP_MODEL": TINY_MULTIPLE,
                     "M2FP_CACHE_DIR": str(tmp_path / "cache"), "M2FP_ALLOW_DOWNLOAD": "false",
-                    "M2FP_LOG_FORMAT": "json"})
+                    "M2FP_LOG_FORMAT": "json", "M2FP_COMPILE": "false"})
         env.update({f"M2FP_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
                     for k, v in settings.items()})
         self.log_path = tmp_path / f"server-{self.port}.log"
@@ -172,7 +174,8 @@ class Worker:
     def __init__(self, tmp_path: Path, redis: Redis, **settings) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
         env.update({"M2FP_BROKER_URL": redis.url, "M2FP_MODEL": TINY_MULTIPLE,
-                    "M2FP_CACHE_DIR": str(tmp_path / "cache"), "M2FP_ALLOW_DOWNLOAD": "false"})
+                    "M2FP_CACHE_DIR": str(tmp_path / "cache"), "M2FP_ALLOW_DOWNLOAD": "false",
+                    "M2FP_COMPILE": "false"})
         env.update({f"M2FP_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
                     for k, v in settings.items()})
         self.log_path = tmp_path / f"worker-{free_port()}.log"

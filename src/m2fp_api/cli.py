@@ -8,17 +8,21 @@ import platform
 import sys
 from pathlib import Path
 
+from .settings import BACKENDS
+
 OUTPUTS = ("mask", "overlay", "labels", "parts")
 
 
-def _parser_from_args(args):
+def _parser_from_args(args, **overrides):
     from .engine import HumanParser
     from .settings import Settings
 
-    overrides = {"model": args.model} if args.model else {}
+    if args.model:
+        overrides["model"] = args.model
     if getattr(args, "backend", None):
         overrides["backend"] = args.backend
-    return HumanParser.from_settings(Settings(**overrides))
+    # a command line run is over before a background compile would pay off
+    return HumanParser.from_settings(Settings(compile=False, **overrides))
 
 
 def _model_ref(parser):
@@ -116,6 +120,22 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_export(args) -> int:
+    from .engine.checkpoint import load_network
+    from .engine.onnx import export_onnx
+    from .engine.optimize import optimize
+    from .errors import M2FPError
+
+    try:
+        source = _parser_from_args(args, backend="exact").source
+        path = export_onnx(optimize(load_network(source), "exact"), Path(args.out))
+    except (M2FPError, ImportError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .api.app import serve
     from .settings import Settings
@@ -140,7 +160,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("photos", nargs="+")
     p.add_argument("--out", default="out", help="output directory (default: ./out)")
     p.add_argument("--model", help="hub id, model directory or 'demo' (default: M2FP_MODEL)")
-    p.add_argument("--backend", choices=("exact", "fast", "reference"))
+    p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--outputs", default=",".join(OUTPUTS), help="comma list of " + ",".join(OUTPUTS))
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1")
     p.add_argument("--quiet", action="store_true")
@@ -148,13 +168,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print the model and runtime")
     p.add_argument("--model")
-    p.add_argument("--backend", choices=("exact", "fast", "reference"))
+    p.add_argument("--backend", choices=BACKENDS)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("download", help="fetch hub weights into ModelScope's cache (needs network)")
     p.add_argument("model_id")
     p.add_argument("--revision")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("export", help="write the network as an ONNX model with a dynamic input size")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--model", help="hub id, model directory or 'demo' (default: M2FP_MODEL)")
+    p.add_argument("--out", default="m2fp.onnx", help="file to write (default: ./m2fp.onnx)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="run the HTTP service and web page (settings: M2FP_*)")
     p.add_argument("--host")
@@ -168,8 +194,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency and memory on a full-size random checkpoint")
     p.add_argument("--sizes", default="512x512,960x540,1920x1080")
     p.add_argument("--runs", type=int, default=5, help="timed runs per size, after one warm-up")
-    p.add_argument("--backends", default="reference,exact,fast",
+    p.add_argument("--backends", default="reference,exact,fast,onnxruntime",
                    help="reference = ModelScope's formulation: the same-run baseline")
+    p.add_argument("--no-compile", action="store_true", help="run exact and fast eagerly")
+    p.add_argument("--no-peer", action="store_true", help="skip ModelScope's pipeline even if set up")
     p.add_argument("--json", dest="json_path", help="also write the results here")
     p.add_argument("--config", help="configuration.json to benchmark (default: bundled R101)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement per process

@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 HUB_MULTIPLE = "damo/cv_resnet101_image-multiple-human-parsing"
 HUB_SINGLE = "damo/cv_resnet101_image-single-human-parsing"
+# what M2FP_BACKEND / `--backend` may name (engine.backends says what each one is)
+BACKENDS = ("exact", "fast", "reference", "onnxruntime")
 
 
 class Settings(BaseSettings):
@@ -25,14 +27,22 @@ class Settings(BaseSettings):
     allow_download: bool = Field(True, description=(
         "Fetch hub weights through ModelScope's downloader when they are not cached."))
     cache_dir: Path = Field(Path("~/.cache/m2fp-api").expanduser(), description=(
-        "Where generated stand-in and benchmark checkpoints are kept."))
+        "Where generated stand-in and benchmark checkpoints, ONNX exports and compiled "
+        "code are kept."))
     threads: int = Field(0, ge=0, description="Torch intra-op threads; 0 = one per core.")
-    backend: Literal["exact", "fast", "reference"] = Field("exact", description=(
+    backend: Literal[BACKENDS] = Field("exact", description=(
         "`exact`: fp32, equal to ModelScope's output, with exact rewrites (folded BN, "
         "channels-last backbone, gathered deformable attention, decoder attention masks "
-        "computed at each level's resolution). `fast`: exact plus a bf16 backbone "
-        "where the CPU has native bf16 (falls back to exact otherwise). `reference`: "
+        "computed at each level's resolution). `fast`: the whole network under bf16 "
+        "autocast where the CPU has native bf16 (falls back to exact otherwise). "
+        "`onnxruntime`: the network exported to ONNX (once, kept in the cache directory) "
+        "and run by ONNX Runtime (`pip install 'm2fp-api[onnx]'`). `reference`: "
         "ModelScope's own formulation, slower; for comparisons."))
+    compile: bool = Field(True, description=(
+        "Compile the network's heads with torch.compile (inductor) in the background "
+        "after start-up, for `exact` and `fast`; inputs run eagerly until compiled code "
+        "for their size exists. Needs a C++ compiler; artefacts are kept in the cache "
+        "directory."))
 
     # --- input limits ----------------------------------------------------------------
     max_pixels: int = Field(24_000_000, gt=0, description="Largest photo accepted, in pixels.")

@@ -161,10 +161,12 @@ def serve(settings: Settings | None = None) -> None:
                             ws="none",  # no WebSocket routes: upgrade requests stay plain HTTP
                             h11_max_incomplete_event_size=settings.max_header_kb * 1024)
     DrainingServer(config, service).run()
-    if service.executor.in_flight():
+    compiling = service.parser is not None and service.parser.compiler is not None and service.parser.compiler.running
+    if service.executor.in_flight() or compiling:
         # Past the drain deadline a slot can still be inside a torch kernel that cannot be
         # interrupted; its task is already recorded as failed (`shutdown`). Finalising the
-        # interpreter under a running native thread aborts the process, so leave now.
+        # interpreter under a running native thread (or a background compile) aborts the
+        # process, so leave now.
         log.info("exiting with %d abandoned task(s) still unwinding", service.executor.in_flight())
         logging.shutdown()
         os._exit(0)

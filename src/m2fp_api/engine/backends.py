@@ -15,7 +15,7 @@ import torch
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # "torch-fp32", "torch-bf16-backbone" or "torch-fp32-reference"
+    name: str  # "torch-fp32", "torch-bf16", "torch-fp32-reference" or "onnxruntime-fp32"
     dtype: str
     threads: int
     level: str  # the network optimisation level (engine.optimize)
@@ -59,6 +59,8 @@ def select_backend(requested: str, threads: int, bf16: bool | None = None) -> Ba
     elsewhere it is the exact path, and says so in its name."""
     if requested == "reference":
         return Backend("torch-fp32-reference", "float32", threads, "reference")
+    if requested == "onnxruntime":
+        return Backend("onnxruntime-fp32", "float32", threads, "onnx")
     if requested == "fast" and (cpu_supports_bf16() if bf16 is None else bf16):
-        return Backend("torch-bf16-backbone", "bfloat16+float32", threads, "fast")
+        return Backend("torch-bf16", "bfloat16+float32", threads, "fast")
     return Backend("torch-fp32", "float32", threads, "exact")

@@ -11,9 +11,11 @@ equal to float rounding, checked by the parity tests on the exact path):
   full-resolution mask logits resized every layer (equal up to rounding: resizing is
   linear).
 
-`fast` adds bf16 autocast on the backbone only (≥ 99 % label agreement with `exact` on
-the parity fixture; bf16 in the heads drops below that). `reference` leaves the
-network as ModelScope computes it, for same-run baselines.
+`fast` runs the whole network under bf16 autocast: convolutions and matrix products
+in bf16, the residual streams, normalisation statistics, softmax, deformable sampling
+locations and weights, and the outputs in fp32 (judged by agreement with `exact` on the
+trained fidelity oracle, `m2fp_api.oracle`). `reference` leaves the network as
+ModelScope computes it, for same-run baselines.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from ..model import M2FP
 from ..model.deform_attn import MSDeformAttn, gather_and_weight, sample_and_weight
 from ..model.layers import ConvNorm
+from ..model.pixel_decoder import EncoderLayer
 
 
 def fold_batchnorm(network: nn.Module) -> int:
@@ -48,8 +51,19 @@ def use_sampler(network: nn.Module, sampler) -> None:
             module.sample = sampler
 
 
+def whole_graph(network: nn.Module) -> None:
+    """No size-dependent chunking (of deformable-attention queries and feed-forward
+    tokens), for graphs traced once for every input size (ONNX export): the number of
+    chunks would be frozen at the traced size's. Costs memory, not results."""
+    for module in network.modules():
+        if isinstance(module, MSDeformAttn):
+            module.query_chunk = None
+        elif isinstance(module, EncoderLayer):
+            module.ffn_chunk = None
+
+
 def optimize(network: M2FP, level: str) -> M2FP:
-    """`exact`: the rewrites above; `fast`: plus a bf16 backbone; `reference`: none."""
+    """`exact`: the rewrites above; `fast`: plus bf16 autocast; `reference`: none."""
     if level == "reference":
         use_sampler(network, sample_and_weight)
         return network
@@ -58,5 +72,5 @@ def optimize(network: M2FP, level: str) -> M2FP:
     network.backbone.to(memory_format=torch.channels_last)
     network.channels_last = True
     network.sem_seg_head.predictor.resize_features_first = True
-    network.backbone_bf16 = level == "fast"
+    network.bf16 = level == "fast"
     return network

@@ -20,6 +20,8 @@ from .backends import Backend, configure_threads, select_backend
 from .checkpoint import ModelSource, load_network, resolve_model
 from .images import DecodedImage, ImageInput, ImageLimits, decode_image
 from .memory import release_free_memory
+from .compiled import CompiledHeads, input_sizes
+from .onnx import onnx_network
 from .optimize import optimize
 from .postprocess import DEFAULT_CHUNK_BYTES, parse_multiple, parse_single
 from .preprocess import DRAFT_MIN_SIDE, prepare
@@ -49,8 +51,9 @@ class ModelInfo:
 class HumanParser:
     def __init__(self, network: M2FP, source: ModelSource, backend: Backend, *,
                  limits: ImageLimits = ImageLimits(), chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 jpeg_draft: bool = False) -> None:
+                 jpeg_draft: bool = False, compiler: CompiledHeads | None = None) -> None:
         self.network = network.eval()
+        self.compiler = compiler
         self.jpeg_draft = jpeg_draft
         self.source = source
         self.backend = backend
@@ -61,9 +64,11 @@ class HumanParser:
     @classmethod
     def from_pretrained(cls, model: str | Path = HUB_MULTIPLE, **overrides) -> "HumanParser":
         """Load a hub id, a local model directory, or `demo`. Keyword arguments override
-        the settings of the same name (`revision`, `allow_download`, `backend`, ...)."""
+        the settings of the same name (`revision`, `allow_download`, `backend`, ...).
+        Background compilation is the service's: a library call asks for it (`compile=True`)."""
         if "revision" in overrides:
             overrides["model_revision"] = overrides.pop("revision")
+        overrides.setdefault("compile", False)
         return cls.from_settings(Settings(model=str(model), **overrides))
 
     @classmethod
@@ -72,8 +77,13 @@ class HumanParser:
                                cache_dir=settings.cache_dir, allow_download=settings.allow_download)
         threads = configure_threads(settings.threads)
         backend = select_backend(settings.backend, threads)
-        network = optimize(load_network(source), backend.level)
-        return cls(network, source, backend,
+        network = optimize(load_network(source), "exact" if backend.level == "onnx" else backend.level)
+        compiler = None
+        if backend.level == "onnx":
+            network = onnx_network(network, source, settings.cache_dir, threads)
+        elif settings.compile and backend.level != "reference":
+            compiler = CompiledHeads(network, input_sizes(network.config), settings.cache_dir)
+        return cls(network, source, backend, compiler=compiler,
                    limits=ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side),
                    chunk_bytes=settings.postprocess_chunk_mb * 2**20, jpeg_draft=settings.jpeg_draft)
 
@@ -136,3 +146,5 @@ class HumanParser:
         with torch.inference_mode():
             self.network(torch.full((1, 3, 128, 128), 128.0))
         release_free_memory()
+        if self.compiler is not None:  # after the warm-up: compiling never delays readiness
+            self.compiler.start()

@@ -105,8 +105,9 @@ def gather_and_weight(
             queries).view(-1, 1, 1, 1)
     weight = torch.stack([w.view(per_head) for w in (wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1)], 2)
     per_bag = levels * points * 4
-    bags = F.embedding_bag(index.view(-1, per_bag), value.reshape(-1, dim), mode="sum",
-                           per_sample_weights=weight.view(-1, per_bag).to(value.dtype))
+    # the bilinear weights stay fp32 (a bf16 value table is widened, a few MB)
+    bags = F.embedding_bag(index.view(-1, per_bag), value.reshape(-1, dim).float(), mode="sum",
+                           per_sample_weights=weight.view(-1, per_bag))
     return bags.view(batch, queries, heads * dim)
 
 
@@ -120,6 +121,9 @@ class MSDeformAttn(nn.Module):
         super().__init__()
         # the sampling kernel; `gather_and_weight` unless a caller needs the reference's
         self.sample = gather_and_weight
+        # queries sampled at once (None: all); an exported graph cannot chunk, as the
+        # number of chunks depends on the input size
+        self.query_chunk: int | None = QUERY_CHUNK
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
@@ -141,24 +145,35 @@ class MSDeformAttn(nn.Module):
         # per output column of `sampling_offsets` (head, level, point, x|y): the level's
         # size, offsets being in its pixels, and which reference coordinate it moves
         levels, points = self.n_levels, self.n_points
-        sizes = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+        # from scalars one by one, not torch.tensor(list): that would freeze the sizes
+        # into an exported (ONNX) graph instead of following its dynamic input size
+        sizes = torch.stack([torch.stack([torch.scalar_tensor(w), torch.scalar_tensor(h)])
+                             for h, w in spatial_shapes]).to(dtype=query.dtype, device=query.device)
         normalizer = sizes.view(1, levels, 1, 2).expand(heads, levels, points, 2).reshape(-1)
         coordinate = torch.arange(levels * 2, device=query.device).view(1, levels, 1, 2)
         coordinate = coordinate.expand(heads, levels, points, 2).reshape(-1)
+        if self.query_chunk is None:
+            return self.output_proj(self._sample_chunk(query, reference_points, value, spatial_shapes,
+                                                       normalizer, coordinate))
         sampled = [
             self._sample_chunk(q, r, value, spatial_shapes, normalizer, coordinate)
-            for q, r in zip(query.split(QUERY_CHUNK, dim=1), reference_points.split(QUERY_CHUNK, dim=1))
+            for q, r in zip(query.split(self.query_chunk, dim=1),
+                            reference_points.split(self.query_chunk, dim=1))
         ]
         return self.output_proj(torch.cat(sampled, dim=1) if len(sampled) > 1 else sampled[0])
 
     def _sample_chunk(self, query, reference_points, value, spatial_shapes, normalizer, coordinate):
         batch, queries, _ = query.shape
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
-        offsets = self.sampling_offsets(query)  # (B, Q, heads * levels * points * 2)
-        weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
+        # fp32 even under bf16 autocast: a location off by bf16's 3 significant digits
+        # moves a sampling point by a pixel on the larger maps
+        offsets = self.sampling_offsets(query).float()  # (B, Q, heads * levels * points * 2)
+        weights = self.attention_weights(query).float().view(batch, queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
         # reference + offset / (W, H), as the reference computes it (same rounding), on
-        # flat rows: broadcasting over four trailing dimensions is many times slower
+        # flat rows: broadcasting over four trailing dimensions is many times slower.
+        # In place on the fresh offsets, which have the batch dimension the shared
+        # reference points lack.
         refs = reference_points.flatten(2).index_select(2, coordinate)
-        locations = refs.add_(offsets / normalizer).view(batch, queries, heads, levels, points, 2)
+        locations = offsets.div_(normalizer).add_(refs).view(batch, queries, heads, levels, points, 2)
         return self.sample(value, spatial_shapes, locations, weights)

@@ -7,6 +7,7 @@ Module names mirror ModelScope's `M2FP` so that hub state dicts load with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,16 @@ class Head(nn.Module):
         return self.predictor(multi_scale, mask_features)
 
 
+def prepare_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in 0..255 -> normalised, padded bottom/right with zeros to a
+    multiple of 32 (after normalisation, as detectron2's ImageList does)."""
+    x = (images.to(mean.dtype) - mean) / std
+    h, w = x.shape[-2:]
+    ph = -(-h // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+    pw = -(-w // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+    return F.pad(x, (0, pw - w, 0, ph - h), value=0.0)
+
+
 class M2FP(nn.Module):
     def __init__(self, cfg: M2FPConfig) -> None:
         super().__init__()
@@ -50,9 +61,13 @@ class M2FP(nn.Module):
         self.sem_seg_head = Head(cfg, self.backbone.channels, self.backbone.strides)
         self.register_pixel_statistics()
         # set by the engine's optimisations: channels-last backbone weights, and the
-        # backbone run under bf16 autocast (the heads stay fp32: they are the sensitive part)
+        # network run under bf16 autocast (matrix products in bf16; normalisation
+        # statistics, softmax and sampling locations stay fp32, see deform_attn)
         self.channels_last = False
-        self.backbone_bf16 = False
+        self.bf16 = False
+        # runs the heads instead of `sem_seg_head` when set: its compiled twin
+        # (engine.compiled), which must compute the same thing
+        self.head_runner: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def register_pixel_statistics(self) -> None:
         """Normalisation constants; not in the checkpoint (ModelScope registers them
@@ -60,19 +75,23 @@ class M2FP(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> NetworkOutput:
-        """images: (B, 3, H, W) RGB in 0..255, all the same size."""
-        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        h, w = x.shape[-2:]
-        ph = -(-h // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
-        pw = -(-w // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
-        # pad bottom/right with zeros after normalisation, as detectron2's ImageList does
-        x = F.pad(x, (0, pw - w, 0, ph - h), value=0.0)
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return prepare_input(images, self.pixel_mean, self.pixel_std)
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits and mask logits of a prepared input (what ONNX exports)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.backbone_bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             features = self.backbone(x)
-        if self.channels_last or self.backbone_bf16:  # the heads want NCHW float32
-            features = {k: v.float().contiguous() for k, v in features.items()}
-        logits, masks = self.sem_seg_head(features)
-        return NetworkOutput(pred_logits=logits, pred_masks=masks, padded_size=(ph, pw))
+            if self.channels_last:  # the heads want NCHW
+                features = {k: v.contiguous() for k, v in features.items()}
+            logits, masks = (self.head_runner or self.sem_seg_head)(features)
+        # post-processing compares probabilities across queries: in fp32
+        return logits.float(), masks.float()
+
+    def forward(self, images: torch.Tensor) -> NetworkOutput:
+        """images: (B, 3, H, W) RGB in 0..255, all the same size."""
+        x = self.prepare(images)
+        logits, masks = self.predict(x)
+        return NetworkOutput(pred_logits=logits, pred_masks=masks, padded_size=tuple(x.shape[-2:]))

@@ -28,11 +28,14 @@ class EncoderLayer(nn.Module):
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm2 = nn.LayerNorm(d_model)
+        self.ffn_chunk: int | None = FFN_CHUNK  # None: all tokens at once (exported graphs)
 
     def forward(self, src, pos, reference_points, spatial_shapes):
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
+        if self.ffn_chunk is None:
+            return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
         return torch.cat([self.norm2(part + self.linear2(F.relu(self.linear1(part))))
-                          for part in src.split(FFN_CHUNK, dim=1)], dim=1)
+                          for part in src.split(self.ffn_chunk, dim=1)], dim=1)
 
 
 class Encoder(nn.Module):
@@ -56,9 +59,12 @@ class DeformableEncoder(nn.Module):
         """Pixel centres of every level in [0, 1], repeated for each level: (1, S, L, 2)."""
         refs = []
         for h, w in spatial_shapes:
+            # the reference's linspace(0.5, n - 0.5, n), bit for bit (its step is exactly
+            # 1), written so that an exported graph keeps n symbolic (linspace's count
+            # is a plain int to the exporter)
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             refs.append(torch.stack((ref_x.reshape(-1) / w, ref_y.reshape(-1) / h), -1))

@@ -1,0 +1,119 @@
+"""ONNX export of the network, and ONNX Runtime as a backend (`pip install '.[onnx]'`).
+
+The exported graph is `M2FP.predict`: a normalised input padded to a multiple of 32
+(any size: height and width are dynamic) -> class logits and mask logits. Deformable
+attention is exported in its `grid_sample` formulation (ONNX `GridSample`): the
+gathered one relies on `embedding_bag`, which ONNX lacks. Normalisation and padding
+stay in torch, outside the graph, so the same pre- and post-processing serve every
+backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ModelUnavailable
+from ..model import M2FP, M2FPConfig
+from ..model.deform_attn import sample_and_weight
+from ..model import m2fp
+from ..model.m2fp import SIZE_DIVISIBILITY, NetworkOutput, prepare_input
+from .checkpoint import WEIGHTS_FILE
+from .optimize import use_sampler, whole_graph
+
+log = logging.getLogger("m2fp.engine")
+OPSET = 18
+# the example input the graph is traced at; the exported sizes are symbolic multiples of 32
+EXAMPLE_SIZE = (640, 864)
+MAX_BLOCKS = 2048 // SIZE_DIVISIBILITY
+PIXEL_MEAN = torch.tensor(m2fp.PIXEL_MEAN).view(1, 3, 1, 1)
+PIXEL_STD = torch.tensor(m2fp.PIXEL_STD).view(1, 3, 1, 1)
+
+
+class _Predict(nn.Module):
+    def __init__(self, network: M2FP) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.network.predict(x)
+
+
+def export_onnx(network: M2FP, path: Path) -> Path:
+    """Write `network` (fp32, exact) as an ONNX model with a dynamic input size."""
+    if network.bf16:
+        raise ValueError("export an fp32 network: ONNX Runtime decides its own precision")
+    use_sampler(network, sample_and_weight)
+    whole_graph(network)
+    blocks_h = torch.export.Dim("blocks_h", min=1, max=MAX_BLOCKS)
+    blocks_w = torch.export.Dim("blocks_w", min=1, max=MAX_BLOCKS)
+    example = torch.zeros(1, 3, *EXAMPLE_SIZE)
+    dims = {"x": {2: SIZE_DIVISIBILITY * blocks_h, 3: SIZE_DIVISIBILITY * blocks_w}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(_Predict(network).eval(), (example,), dynamo=True,
+                                    dynamic_shapes=dims, opset_version=OPSET,
+                                    input_names=["image"], output_names=["class_logits", "mask_logits"],
+                                    verbose=False)
+    # a crash mid-write never leaves a half-written model where the cache looks
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        pass
+    program.save(tmp.name)
+    os.replace(tmp.name, path)
+    return path
+
+
+def cached_export_path(cache_dir: Path, weights: Path) -> Path:
+    """Where the export of a checkpoint is kept: named by the checkpoint's identity (path,
+    size, modification time) and the exporter's version, so a new checkpoint or torch
+    gets a new export."""
+    st = weights.stat()
+    key = f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}|{torch.__version__}|{OPSET}"
+    return Path(cache_dir).expanduser() / "onnx" / f"m2fp-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+
+
+class OnnxNetwork:
+    """Runs an exported model in ONNX Runtime; called like `M2FP` (images in, a
+    NetworkOutput out), so the engine's pre- and post-processing are shared."""
+
+    def __init__(self, path: Path, config: M2FPConfig, threads: int) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # the optional extra is missing
+            raise ModelUnavailable(
+                "M2FP_BACKEND=onnxruntime needs ONNX Runtime: pip install 'm2fp-api[onnx]'.") from exc
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # no arena: activations go back to the allocator after each run, as in torch,
+        # so idle memory does not keep the largest parse's peak
+        options.enable_cpu_mem_arena = False
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.config = config
+
+    def eval(self) -> "OnnxNetwork":
+        return self
+
+    def __call__(self, images: torch.Tensor) -> NetworkOutput:
+        x = prepare_input(images, PIXEL_MEAN, PIXEL_STD)
+        logits, masks = self.session.run(None, {"image": np.ascontiguousarray(x.numpy())})
+        return NetworkOutput(pred_logits=torch.from_numpy(logits), pred_masks=torch.from_numpy(masks),
+                             padded_size=tuple(x.shape[-2:]))
+
+
+def onnx_network(network: M2FP, source, cache_dir: Path, threads: int) -> OnnxNetwork:
+    """The ONNX Runtime twin of a loaded (exact) network, exported on first use into
+    the cache directory. The torch network is not kept: ONNX Runtime holds the weights."""
+    path = cached_export_path(cache_dir, source.path / WEIGHTS_FILE)
+    if not path.exists():
+        log.info("exporting the network to ONNX once, into %s (a minute or more)", path.parent)
+        export_onnx(network, path)
+    return OnnxNetwork(path, network.config, threads)
