@@ -114,29 +114,3 @@ def test_single_parts_come_from_the_class_map(parsers):
     for part in result.parts:
         full = part.mask.full(result.height, result.width)
         np.testing.assert_array_equal(full, result.class_map == part.label_id)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_fast_path_agrees_with_exact_on_the_fixture(mode):
-    """bf16 on the backbone (forced here: this CPU may lack native bf16) keeps >= 99 %
-    of the class-map pixels of the exact path on every parity image."""
-    from m2fp_api import HumanParser
-    from m2fp_api.engine.backends import select_backend
-    from m2fp_api.engine.checkpoint import load_network, resolve_model
-    from m2fp_api.engine.optimize import optimize
-
-    exact = HumanParser.from_pretrained(PARITY / mode, allow_download=False)
-    backend = select_backend("fast", threads=exact.backend.threads, bf16=True)
-    assert backend.name == "torch-bf16-backbone"
-    fast = HumanParser(optimize(load_network(exact.source), backend.level), exact.source, backend)
-    for image in PARITY_IMAGES:
-        a = exact.parse(PARITY / "images" / image).class_map
-        b = fast.parse(PARITY / "images" / image).class_map
-        assert (a == b).mean() >= 0.99, (image, float((a == b).mean()))
-
-
-def test_fast_falls_back_to_exact_without_native_bf16():
-    from m2fp_api.engine.backends import select_backend
-
-    backend = select_backend("fast", threads=2, bf16=False)
-    assert (backend.name, backend.dtype, backend.level) == ("torch-fp32", "float32", "exact")
