@@ -85,6 +85,7 @@ def onnx_model(tmp_path_factory):
     return export_onnx(network, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
+@pytest.mark.timeout(900)  # includes the export (the module's fixture): a minute or more
 @pytest.mark.parametrize("size", [(640, 1152), (1344, 640)], ids=["landscape", "portrait"])
 def test_onnx_round_trip_matches_torch_at_two_aspect_ratios(onnx_model, multiple_parser, size):
     """One export, any input size: ONNX Runtime's outputs equal the torch network's
@@ -102,6 +103,7 @@ def test_onnx_round_trip_matches_torch_at_two_aspect_ratios(onnx_model, multiple
     torch.testing.assert_close(got.pred_masks, expected.pred_masks, atol=LOGIT_TOL, rtol=0)
 
 
+@pytest.mark.timeout(900)
 def test_onnx_backend_matches_the_parity_fixture(onnx_model, multiple_parser, tmp_path):
     """The parser on ONNX Runtime reproduces ModelScope's head outputs for the fixture."""
     from m2fp_api.engine.onnx import OnnxNetwork
@@ -116,6 +118,7 @@ def test_onnx_backend_matches_the_parity_fixture(onnx_model, multiple_parser, tm
     assert (err <= LOGIT_TOL + np.abs(ref) * 2.0**-11).all(), float(err.max())
 
 
+@pytest.mark.timeout(900)
 def test_onnx_backend_agrees_with_exact_on_the_oracle(tmp_path, scenes, exact_maps):
     pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
     parser = HumanParser.from_pretrained(ORACLE, backend="onnxruntime", cache_dir=tmp_path,
@@ -168,6 +171,7 @@ def test_compiled_heads_equal_eager_and_never_block(tmp_path, compile):
     assert list((tmp_path / "inductor").iterdir()), "inductor's artefacts are kept in the cache dir"
 
 
+@pytest.mark.timeout(600)
 def test_a_failed_compile_leaves_the_eager_heads_in_charge(tmp_path, monkeypatch):
     parser = HumanParser.from_pretrained(PARITY / "tiny-multiple", allow_download=False,
                                          compile=True, cache_dir=tmp_path)
