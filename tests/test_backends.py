@@ -68,6 +68,14 @@ def test_fast_agrees_with_exact_on_the_oracle(oracle_exact, scenes, exact_maps):
     assert agreement >= MIN_AGREEMENT, agreement
 
 
+def test_reference_agrees_with_exact_on_the_oracle(oracle_exact, scenes, exact_maps):
+    """ModelScope's formulation (the benchmark's same-run baseline) computes the same."""
+    reference = HumanParser.from_pretrained(ORACLE, backend="reference", allow_download=False)
+    agreement = np.mean([oracle.agreement(e, reference.parse(s.image).class_map)
+                         for e, s in zip(exact_maps, scenes)])
+    assert agreement >= MIN_AGREEMENT, agreement
+
+
 def test_fast_falls_back_to_exact_without_native_bf16():
     backend = select_backend("fast", threads=2, bf16=False)
     assert (backend.name, backend.dtype, backend.level) == ("torch-fp32", "float32", "exact")
