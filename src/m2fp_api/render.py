@@ -48,16 +48,23 @@ def colorize(class_map: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return colours[class_map]
 
 
-# rows blended at once: bounds the 16-bit temporaries to a few MB whatever the photo size
-OVERLAY_BAND_ROWS = 256
+# pixels blended at once: bounds the 16-bit temporaries to a few MB whatever the photo's
+# shape (a band of rows of a 30000-pixel-wide strip would be tens of MB)
+OVERLAY_BAND_PIXELS = 2**20
+
+
+def bands(height: int, width: int) -> range:
+    """Top rows of the bands of whole rows that hold about OVERLAY_BAND_PIXELS each."""
+    return range(0, height, max(1, OVERLAY_BAND_PIXELS // max(1, width)))
 
 
 def overlay(photo: np.ndarray, class_map: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
     """Blend the part colours over the photo; background pixels keep the photo."""
     weight = int(round(min(max(alpha, 0.0), 1.0) * 256))
     out = photo.copy()
-    for top in range(0, photo.shape[0], OVERLAY_BAND_ROWS):
-        rows = slice(top, top + OVERLAY_BAND_ROWS)
+    step = bands(*photo.shape[:2]).step
+    for top in range(0, photo.shape[0], step):
+        rows = slice(top, top + step)
         labels = class_map[rows]
         blended = (photo[rows].astype(np.uint16) * (256 - weight)
                    + colours[labels].astype(np.uint16) * weight + 128) >> 8
@@ -65,12 +72,15 @@ def overlay(photo: np.ndarray, class_map: np.ndarray, colours: np.ndarray, alpha
     return out
 
 
-def encode_png(pixels: np.ndarray, colours: np.ndarray | None = None) -> bytes:
-    """PNG bytes of a (H, W) or (H, W, 3) uint8 array. With `colours`, a (H, W) array is
-    written as a palette image: one byte a pixel, a third of the work of RGB."""
-    if colours is not None:
+def encode_png(pixels: np.ndarray | Image.Image, colours: np.ndarray | None = None) -> bytes:
+    """PNG bytes of a (H, W) or (H, W, 3) uint8 array or of an image. With `colours`, a
+    (H, W) array is written as a palette image: one byte a pixel, a third of the work of
+    RGB. (H, W) arrays are wrapped, not copied."""
+    if isinstance(pixels, Image.Image):
+        image = pixels
+    elif colours is not None:
         height, width = pixels.shape
-        image = Image.frombytes("P", (width, height), np.ascontiguousarray(pixels).tobytes())
+        image = Image.frombuffer("P", (width, height), np.ascontiguousarray(pixels), "raw", "P", 0, 1)
         image.putpalette(colours.tobytes())
     else:
         image = Image.fromarray(pixels)
@@ -91,11 +101,24 @@ def labels_png(result: ParseResult) -> bytes:
 
 def overlay_png(result: ParseResult, photo: Image.Image, alpha: float) -> bytes:
     """The part map over the photo, at the photo's full size (a photo decoded at a
-    reduced scale is brought back to it)."""
-    if photo.size != (result.width, result.height):
-        photo = photo.resize((result.width, result.height), Image.BILINEAR)
-    pixels = np.asarray(photo.convert("RGB"))
-    return encode_png(overlay(pixels, result.class_map, palette(result.class_names), alpha))
+    reduced scale is brought back to it).
+
+    Blended band by band into one full-size copy of the photo, which is encoded as it
+    is: no full-size array besides it (a 24 MP photo is ~96 MB in Pillow, 72 MB as an
+    array)."""
+    size = (result.width, result.height)
+    canvas = photo.resize(size, Image.BILINEAR) if photo.size != size else photo.copy()
+    if canvas.mode != "RGB":
+        canvas = canvas.convert("RGB")
+    colours = palette(result.class_names)
+    width, height = size
+    rows = bands(height, width)
+    for top in rows:
+        bottom = min(height, top + rows.step)
+        band = np.asarray(canvas.crop((0, top, width, bottom)))
+        blended = overlay(band, result.class_map[top:bottom], colours, alpha)
+        canvas.paste(Image.fromarray(blended), (0, top))
+    return encode_png(canvas)
 
 
 def legend(result: ParseResult) -> list[dict]:
