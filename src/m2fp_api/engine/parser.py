@@ -19,7 +19,7 @@ from ..settings import HUB_MULTIPLE, Settings
 from .backends import Backend, configure_threads, select_backend
 from .checkpoint import ModelSource, load_network, resolve_model
 from .images import DecodedImage, ImageInput, ImageLimits, decode_image
-from .memory import release_free_memory
+from .memory import full_resolution_heap, release_free_memory
 from .compiled import CompiledHeads, input_sizes
 from .onnx import onnx_network
 from .optimize import optimize
@@ -128,7 +128,7 @@ class HumanParser:
         # the network's freed activations: back to the OS before the full-size maps
         release_free_memory()
         stage("postprocessing")
-        with torch.inference_mode():
+        with torch.inference_mode(), full_resolution_heap(inp.output_size[0] * inp.output_size[1]):
             post = parse_single if self.config.single_human else parse_multiple
             result = post(out, inp, self.config, self.chunk_bytes)
         stage(None)
