@@ -14,8 +14,7 @@ not at all, holds it for ever. Here:
   longest (at least `IDLE_DROP_S`: an idle keep-alive, a stalled head or body) is closed
   to make room, as nginx does with idle keep-alive connections; when none has, the new
   connection is answered 503 `too_many_connections` as soon as its head arrives, and
-  closed.
-
+  closed;
 - a connection reads at most `READ_BYTES` at a time (asyncio's default is 256 KB):
   with uvicorn pausing reading once 64 KB wait for the application, a streaming body
   holds at most ~128 KB of buffers besides what the application has received.
