@@ -207,7 +207,9 @@ def test_queue_full_is_503_with_retry_after(tmp_path):
 
 
 def test_run_timeout_fails_the_task_and_holds_the_slot(tmp_path):
-    s = Server(tmp_path, slots=1, run_timeout_s=1.0).wait_ready()
+    # the 24 MP photo decoded at full size (no JPEG draft): with draft decoding a Zen 5
+    # core could finish it within the 1 s limit
+    s = Server(tmp_path, slots=1, run_timeout_s=1.0, jpeg_draft=False).wait_ready()
     try:
         slow = s.submit(big_jpeg(seed=7)).json()
         after = s.submit(jpeg(120, 90, seed=8)).json()
