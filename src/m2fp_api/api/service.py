@@ -25,37 +25,15 @@ from ..jobs.models import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord
 from ..jobs.store import MemoryStore, StoreUnavailable, TaskStore
 from ..metrics import Metrics
 from ..settings import Settings
+from .memory_plan import MB, MemoryPlan
 
 log = logging.getLogger("m2fp.service")
 
-MB = 2**20
-# Working memory of one inference, beyond the idle process: network activations at the
-# largest input (1333 x 640, measured about 420 MB for the full-size model) plus about
-# 20 bytes per photo pixel for the decoded photo, the full-size maps, post-processing
-# chunks and rendering. See "Memory budget" in the README.
-NETWORK_WORKING_BYTES = 450 * MB
-BYTES_PER_PIXEL = 20
 SWEEP_INTERVAL_S = 30
 
 
 class NotLoaded(M2FPError):
     code, status = "not_ready", 503
-
-
-def task_working_bytes(max_pixels: int) -> int:
-    return NETWORK_WORKING_BYTES + BYTES_PER_PIXEL * max_pixels
-
-
-def plan_slots(settings: Settings, idle_rss: int) -> int:
-    """Slots that fit the budget (at least one), unless set explicitly."""
-    if settings.slots:
-        return settings.slots
-    free = settings.memory_budget_mb * MB - idle_rss
-    fit = int(free // task_working_bytes(settings.max_pixels))
-    if fit < 1:
-        log.warning("memory budget %d MB leaves no room for a task at %d pixels; running one slot",
-                    settings.memory_budget_mb, settings.max_pixels)
-    return max(1, fit)
 
 
 @dataclass(frozen=True)
@@ -119,6 +97,7 @@ class Service:
         self.metrics = Metrics(depth=self.executor.depth, in_flight=self.executor.in_flight)
         self.executor.on_finished = self.metrics.task_finished
         self.parser: HumanParser | None = None
+        self.memory_plan: MemoryPlan | None = None  # in-process: sized once the model is warm
         self.load_error: ModelUnavailable | None = None
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -144,7 +123,8 @@ class Service:
             self.load_error = ModelUnavailable("The model failed to load; see the service log.")
             return
         idle = psutil.Process().memory_info().rss
-        self.executor.slots = plan_slots(self.settings, idle)
+        self.memory_plan = MemoryPlan.for_service(self.settings, idle)
+        self.executor.slots = self.memory_plan.slots
         self.executor.start(parser)
         self.parser = parser
         info = parser.info
@@ -192,6 +172,8 @@ class Service:
             model = self.require_ready()
             _, width, height = probe_image(payload, model.limits)
             network_size(width, height, model.config)  # refuses extreme aspect ratios now, not later
+            if self.memory_plan is not None:
+                self.memory_plan.admit(width, height)  # a photo its task's memory cannot hold
             key = content_key(payload, options, model.info.id, owner)
             task_id = new_task_id()
             shared = self.store.share(key, task_id, owner)
