@@ -13,7 +13,7 @@ from conftest import FIXTURES, PARITY, load_expected
 from m2fp_api import HumanParser, oracle
 from m2fp_api.engine.backends import select_backend
 from m2fp_api.engine.checkpoint import load_network
-from m2fp_api.engine.compiled import CompiledHeads, input_sizes, multiple_human_sizes
+from m2fp_api.engine.compiled import input_sizes, multiple_human_sizes
 from m2fp_api.engine.optimize import optimize
 
 ORACLE = FIXTURES / "oracle"
