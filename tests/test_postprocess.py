@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2fp_api.engine.postprocess import MIN_OUTPUT_SCORE, TOP_K, parse_multiple
+from m2fp_api.engine.postprocess import MIN_OUTPUT_SCORE, TOP_K, _support, _upsample, parse_multiple
 from m2fp_api.engine.preprocess import NetworkInput
 from m2fp_api.engine.stand_in import bundled_configuration
 from m2fp_api.model import M2FPConfig, NetworkOutput
@@ -85,3 +85,30 @@ def test_parse_multiple_matches_m2fp_instance_inference(seed, chunk_bytes):
     for part in result.parts:
         full = part.mask.full(*inp.output_size)
         np.testing.assert_array_equal(full, by_label_score[(part.label_id, round(part.score, 4))])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_support_window_holds_every_positive_pixel(seed):
+    """Only each query's window is thresholded and scored: a positive pixel outside it
+    would be lost. Sparse blobs (the window is then small) at photo sizes that enlarge
+    and shrink, with and without a single-human crop."""
+    g = torch.Generator().manual_seed(seed)
+    h4, w4 = 40 + seed * 7, 30 + seed * 11
+    padded = (h4 * 4, w4 * 4)
+    masks = torch.full((12, h4, w4), -3.0)
+    for q in range(11):  # query 11 stays negative everywhere
+        y, x = int(torch.randint(0, h4, (1,), generator=g)), int(torch.randint(0, w4, (1,), generator=g))
+        masks[q, max(0, y - q // 3):y + 1 + q // 3, max(0, x - q // 4):x + 1 + q // 4] = 2.0 + q
+    input_h, input_w = padded[0] - 5, padded[1] - 3
+    crop = None if seed % 2 else (3, 5, input_w - 7, input_h - 2)
+    photo = [(input_h * 3, input_w * 2), (input_h // 2 + 1, input_w // 3 + 2), (input_h, input_w)][seed % 3]
+    inp = NetworkInput(tensor=torch.zeros(3, input_h, input_w), output_size=photo, crop_box=crop)
+    full = _upsample(masks, padded, inp) > 0
+    for q, window in enumerate(_support(masks, padded, inp)):
+        if window is None:
+            assert not full[q].any()
+            continue
+        y0, y1, x0, x1 = window
+        assert full[q].sum() == full[q, y0:y1, x0:x1].sum(), (q, window)
+        # and it is a window, not the photo: these blobs cover a small share of it
+        assert (y1 - y0) * (x1 - x0) < 0.5 * photo[0] * photo[1]

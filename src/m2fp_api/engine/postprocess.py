@@ -39,6 +39,52 @@ def _upsample(mask_logits: torch.Tensor, padded: tuple[int, int], inp: NetworkIn
     return F.interpolate(m[None], size=inp.output_size, mode="bilinear", align_corners=False)[0]
 
 
+def _reach(first: int, last: int, in_size: int, out_size: int) -> tuple[int, int]:
+    """The output rows (or columns) [start, stop) of a bilinear resize (align_corners=False)
+    that read any of the input rows first..last, with a margin of 2 for rounding."""
+    scale = in_size / out_size
+    start = int((first - 0.5) / scale - 0.5) - 2
+    stop = int((last + 1.5) / scale - 0.5) + 3
+    return max(0, start), min(out_size, stop)
+
+
+def _support(mask_logits: torch.Tensor, padded: tuple[int, int],
+             inp: NetworkInput) -> list[tuple[int, int, int, int] | None]:
+    """Per query, a window (y0, y1, x0, x1) of the full-resolution map outside which its
+    upsampled logits cannot be positive, or None when they are nowhere positive.
+
+    Bilinear interpolation weighs its input with non-negative weights, so an output
+    pixel whose inputs are all <= 0 is <= 0 in floating point too: the positive pixels
+    at full size lie where the low-resolution positive ones reach through both resizes.
+    """
+    positive = (mask_logits > 0).view(torch.uint8)
+    any_rows, any_cols = positive.amax(2), positive.amax(1)
+    h, w = mask_logits.shape[-2:]
+    ih, iw = inp.input_size
+    cy, cx = (0, 0) if inp.crop_box is None else (inp.crop_box[1], inp.crop_box[0])
+    mid_h, mid_w = (ih, iw) if inp.crop_box is None else (
+        inp.crop_box[3] - inp.crop_box[1], inp.crop_box[2] - inp.crop_box[0])
+    out_h, out_w = inp.output_size
+    windows: list[tuple[int, int, int, int] | None] = []
+    for rows, cols in zip(any_rows, any_cols):
+        r, c = torch.nonzero(rows).flatten(), torch.nonzero(cols).flatten()
+        if r.numel() == 0:
+            windows.append(None)
+            continue
+        # low resolution -> padded input -> (crop) -> photo
+        y0, y1 = _reach(int(r[0]), int(r[-1]), h, padded[0])
+        x0, x1 = _reach(int(c[0]), int(c[-1]), w, padded[1])
+        y0, y1 = max(0, y0 - cy), min(mid_h, y1 - cy)
+        x0, x1 = max(0, x0 - cx), min(mid_w, x1 - cx)
+        if y0 >= y1 or x0 >= x1:
+            windows.append(None)
+            continue
+        y0, y1 = _reach(y0, y1 - 1, mid_h, out_h)
+        x0, x1 = _reach(x0, x1 - 1, mid_w, out_w)
+        windows.append((y0, y1, x0, x1))
+    return windows
+
+
 def _chunk_size(output_size: tuple[int, int], chunk_bytes: int) -> int:
     h, w = output_size
     return max(1, chunk_bytes // (4 * h * w))
@@ -143,19 +189,27 @@ def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
 
     masks: dict[int, Mask] = {}
     scored: set[int] = set()
+    windows = _support(mask_logits, out.padded_size, inp)
 
     def upsample_and_score(queries: list[int]):
-        """Yield (query, its (H, W) sigmoid map) after scoring every query once."""
+        """Yield (query, its (H, W) map, sigmoid within the query's window) after scoring
+        every query once; the thresholding and sigmoid touch the window only."""
         for chunk, full in _chunks(queries, mask_logits, out.padded_size, inp, chunk_bytes):
-            positive = full > 0
-            counts = positive.view(torch.uint8).flatten(1).sum(1, dtype=torch.int32).tolist()
-            probs = full.sigmoid_()
             for j, q in enumerate(chunk):
+                window = windows[q]
+                if window is not None:
+                    y0, y1, x0, x1 = window
+                    logits = full[j, y0:y1, x0:x1]
+                    positive = logits > 0
+                    logits.sigmoid_()
                 if q not in scored:
                     scored.add(q)
-                    _score_query(q, probs[j], positive[j], counts[j], by_query[q], masks)
-                yield q, probs[j]
-            del full, positive, probs
+                    if window is None:
+                        _score_empty(by_query[q])
+                    else:
+                        _score_query(q, logits, positive, (y0, x0), by_query[q], masks)
+                yield q, full[j]
+            del full
 
     class_map = torch.zeros(inp.output_size, dtype=torch.uint8)
     best = torch.zeros(inp.output_size, dtype=torch.float32)
@@ -185,23 +239,31 @@ def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
                        single_human=False)
 
 
-def _score_query(query: int, probs: torch.Tensor, positive: torch.Tensor, count: int,
+def _score_query(query: int, probs: torch.Tensor, positive: torch.Tensor, origin: tuple[int, int],
                  entries: list[_Entry], masks: dict[int, Mask]) -> None:
     """ModelScope's mask score (mean sigmoid over the positive pixels) into the query's
-    entries, and its bit mask into `masks` (an empty mask scores 0: nothing to report)."""
+    entries, and its bit mask into `masks`. `probs` and `positive` cover the query's
+    window, whose top-left corner is `origin` in the photo."""
     box = _crop_box(positive)
     if box is None:
-        mask_score = 0.0
-    else:
-        y0, y1, x0, x1 = box
-        crop = positive[y0:y1, x0:x1]
-        # sigmoid > 0.5 exactly where logit > 0, so the sum over the positive pixels is
-        # sum(relu(sigmoid - 0.5)) + 0.5 * count (much faster than selecting them)
-        excess = float((probs[y0:y1, x0:x1] - 0.5).clamp_(min=0).sum())
-        mask_score = (excess + 0.5 * count) / (count + 1e-6)
-        masks[query] = Mask.from_crop(x0, y0, crop.numpy())
+        _score_empty(entries)
+        return
+    y0, y1, x0, x1 = box
+    crop = positive[y0:y1, x0:x1]
+    count = int(crop.view(torch.uint8).sum(dtype=torch.int32))
+    # sigmoid > 0.5 exactly where logit > 0, so the sum over the positive pixels is
+    # sum(relu(sigmoid - 0.5)) + 0.5 * count (much faster than selecting them)
+    excess = float((probs[y0:y1, x0:x1] - 0.5).clamp_(min=0).sum())
+    mask_score = (excess + 0.5 * count) / (count + 1e-6)
+    masks[query] = Mask.from_crop(x0 + origin[1], y0 + origin[0], crop.numpy())
     for e in entries:
         e.score = e.class_score * mask_score
+
+
+def _score_empty(entries: list[_Entry]) -> None:
+    """A query positive nowhere scores 0: nothing of it is reported."""
+    for e in entries:
+        e.score = 0.0
 
 
 def _assign_parts_to_persons(parts: list[Part], persons: list[Person]) -> None:
