@@ -16,7 +16,7 @@ import pytest
 
 from server import Redis, Server, Worker, big_jpeg, jpeg
 
-from m2fp_api.jobs.pacing import RETRY_AFTER_MAX_S
+from m2fp_api.tasks.pacing import RETRY_AFTER_MAX_S
 
 HAS_REDIS = shutil.which("redis-server") is not None
 MODES = ["in-process", pytest.param("cluster", marks=pytest.mark.skipif(

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from conftest import PARITY
-from m2fp_api.api.memory_plan import BYTES_PER_PIXEL, MB, NETWORK_WORKING_BYTES, MemoryPlan, task_bytes
+from m2fp_api.tasks.memory_plan import BYTES_PER_PIXEL, MB, NETWORK_WORKING_BYTES, MemoryPlan, task_bytes
 from m2fp_api.errors import ImageTooLarge
 from m2fp_api.settings import Settings
 
@@ -30,8 +30,8 @@ TASK = """
 import json, re, sys
 from m2fp_api.engine import HumanParser
 from m2fp_api.engine.memory import release_free_memory
-from m2fp_api.jobs.models import TaskOptions
-from m2fp_api.jobs.work import model_ref, render_outputs
+from m2fp_api.tasks.task import TaskOptions
+from m2fp_api.tasks.run import model_ref, render_outputs
 
 
 def status(field):

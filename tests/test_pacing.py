@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from m2fp_api.jobs.pacing import (DEFAULT_RUN_S, JITTER, RETRY_AFTER_MAX_S, book, slot_interval_s)
+from m2fp_api.tasks.pacing import (DEFAULT_RUN_S, JITTER, RETRY_AFTER_MAX_S, book, slot_interval_s)
 
 
 def refuse(clients: int, now: float, interval_s: float, seed: int = 0, booked_until: float = 0.0):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import PARITY, photo
 from m2fp_api import render
-from m2fp_api.schemas import ParseResultOut
+from m2fp_api.result_json import ParseResultOut
 
 CIHP = ("Background", "Hat", "Hair", "Glove", "Sunglasses", "UpperClothes", "Dress", "Coat",
         "Socks", "Pants", "Torso-skin", "Scarf", "Skirt", "Face", "Left-arm", "Right-arm",

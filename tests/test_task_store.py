@@ -11,8 +11,8 @@ import pytest
 
 from server import Redis
 
-from m2fp_api.jobs.models import TaskHandle, TaskOptions, TaskRecord, TaskStatus
-from m2fp_api.jobs.store import MemoryStore
+from m2fp_api.tasks.task import TaskHandle, TaskOptions, TaskRecord, TaskStatus
+from m2fp_api.tasks.store import MemoryStore
 
 HAS_REDIS = shutil.which("redis-server") is not None
 
@@ -31,7 +31,7 @@ def make_store(request):
     def make(ttl_s: float = 60, max_finished: int = 100):
         if request.param == "memory":
             return MemoryStore(ttl_s=ttl_s, max_finished=max_finished, max_output_bytes=2**30)
-        from m2fp_api.jobs.redis_store import RedisStore
+        from m2fp_api.tasks.redis_store import RedisStore
 
         store = RedisStore(request.getfixturevalue("redis_server").url, ttl_s=ttl_s,
                            max_finished=max_finished, unfinished_ttl_s=60)
@@ -132,7 +132,7 @@ def test_a_cancelled_handle_expires_after_the_result_ttl(make_store):
 
 
 def test_redis_handles_expire_with_their_work(redis_server):
-    from m2fp_api.jobs.redis_store import RedisStore
+    from m2fp_api.tasks.redis_store import RedisStore
 
     store = RedisStore(redis_server.url, ttl_s=2, max_finished=10, unfinished_ttl_s=60)
     store.redis.flushdb()

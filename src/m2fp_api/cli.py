@@ -26,7 +26,7 @@ def _parser_from_args(args, **overrides):
 
 
 def _model_ref(parser):
-    from .schemas import ModelRef
+    from .result_json import ModelRef
 
     info = parser.info
     return ModelRef(id=info.id, pretrained=info.pretrained, backend=info.backend)
@@ -37,7 +37,7 @@ def cmd_parse(args) -> int:
 
     from . import render
     from .errors import M2FPError
-    from .schemas import ParseResultOut
+    from .result_json import ParseResultOut
 
     parser = _parser_from_args(args)
     if not parser.info.pretrained:
@@ -146,7 +146,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from .jobs.celery_worker import main as worker_main
+    from .tasks.worker import main as worker_main
 
     worker_main()
     return 0

@@ -26,7 +26,7 @@ from .auth import ApiKeys, Authenticate, OpenPaths, declare_security
 from .limits import RequestLimits, UploadBudget
 from .protocol import guarded_protocol
 from .routes import CAPACITY_REFUSED, EVENT_POLL_INTERVAL_S, ops, v1
-from .service import Service
+from ..tasks.service import Service
 
 log = logging.getLogger("m2fp.api")
 STREAM_FLUSH_S = 5 * EVENT_POLL_INTERVAL_S

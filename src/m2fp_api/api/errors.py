@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import M2FPError
-from ..jobs.store import StoreUnavailable
+from ..tasks.store import StoreUnavailable
 
 log = logging.getLogger("m2fp.api")
 

@@ -15,9 +15,9 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import render
 from ..errors import BadRequest
-from ..jobs.models import OUTPUT_FILES, OUTPUT_NAMES, Holding, TaskOptions
+from ..tasks.task import OUTPUT_FILES, OUTPUT_NAMES, Holding, TaskOptions
 from .schemas import ErrorBody, Health, Label, ModelInfoOut, Task, TaskList
-from .service import MB, BatchOutcome, Service
+from ..tasks.service import MB, BatchOutcome, Service
 
 MAX_WAIT_S = 60.0
 POLL_INTERVAL_S = 0.05

@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
 
-from ..jobs.models import OUTPUT_FILES, Holding, Refusal, Stage, TaskStatus
-from ..schemas import ParseResultOut
+from ..tasks.task import OUTPUT_FILES, Holding, Refusal, Stage, TaskStatus
+from ..result_json import ParseResultOut
 
 
 class ErrorDetail(BaseModel):

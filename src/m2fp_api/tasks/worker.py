@@ -23,10 +23,10 @@ from ..engine.checkpoint import read_configuration
 from ..settings import Settings
 from .celery_app import (ALIVE, PACE, PAYLOAD, QUEUE, QUEUED, RUNNING, STOP, TASK_NAME, WORKER, make_celery,
                          store_url)
-from .models import TaskOptions, TaskStatus
+from .task import TaskOptions, TaskStatus
 from .pacing import PACE_WINDOW
 from .redis_store import RedisStore
-from .work import fail_task, run_task
+from .run import fail_task, run_task
 
 log = logging.getLogger("m2fp.worker")
 HEARTBEAT_S = 2.0

@@ -27,11 +27,11 @@ from ..settings import Settings
 from .celery_app import (ALIVE, BOOKED_UNTIL, PACE, PAYLOAD, QUEUED, RUNNING, STOP, TASK_NAME, WORKERS,
                          make_celery)
 from .executor import Draining, QueueFull
-from .models import TaskOptions, TaskStatus
+from .task import TaskOptions, TaskStatus
 from .pacing import RETRY_AFTER_MAX_S, book, slot_interval_s
 from .redis_store import RedisStore, unavailable_on_redis_errors
 from .store import StoreUnavailable
-from .work import ABANDON_MESSAGES, fail_task
+from .run import ABANDON_MESSAGES, fail_task
 
 log = logging.getLogger("m2fp.cluster")
 REAP_INTERVAL_S = 0.5

@@ -13,11 +13,11 @@ from .. import render
 from ..engine import HumanParser, ParseResult
 from ..engine.memory import release_free_memory
 from ..errors import M2FPError
-from ..schemas import ModelRef, ParseResultOut
-from .models import Stage, TaskOptions, TaskStatus
+from ..result_json import ModelRef, ParseResultOut
+from .task import Stage, TaskOptions, TaskStatus
 from .store import TaskStore
 
-log = logging.getLogger("m2fp.jobs")
+log = logging.getLogger("m2fp.tasks")
 
 # Returns why the work should stop ("cancelled", "timeout", "shutdown") or None.
 StopCheck = Callable[[], "str | None"]

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from typing import Protocol
 
-from .models import Holding, TaskHandle, TaskRecord, TaskStatus
+from .task import Holding, TaskHandle, TaskRecord, TaskStatus
 
 
 class StoreUnavailable(Exception):

@@ -19,10 +19,10 @@ from ..engine.images import ImageLimits, probe_image
 from ..engine.preprocess import network_size
 from ..model import M2FPConfig
 from ..errors import M2FPError, ModelUnavailable, NotFound, NotReady
-from ..jobs.executor import Draining, InProcessExecutor, QueueFull
-from ..jobs.models import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskStatus, content_key,
+from .executor import Draining, InProcessExecutor, QueueFull
+from .task import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskStatus, content_key,
                            new_task_id)
-from ..jobs.store import MemoryStore, StoreUnavailable, TaskStore
+from .store import MemoryStore, StoreUnavailable, TaskStore
 from ..metrics import Metrics
 from ..settings import Settings
 from .memory_plan import MB, MemoryPlan
@@ -80,9 +80,9 @@ class Service:
         self.settings = settings
         self.cluster = bool(settings.broker_url)
         if self.cluster:
-            from ..jobs.celery_app import store_url
-            from ..jobs.celery_executor import CeleryExecutor
-            from ..jobs.redis_store import RedisStore
+            from .celery_app import store_url
+            from .celery_executor import CeleryExecutor
+            from .redis_store import RedisStore
 
             self.store: TaskStore = RedisStore(
                 store_url(settings), ttl_s=settings.result_ttl_s, max_finished=settings.max_results,

@@ -19,10 +19,10 @@ from typing import Callable, Protocol
 
 from ..engine import HumanParser, ParseResult
 from ..errors import M2FPError
-from .models import TaskOptions, TaskStatus
+from .task import TaskOptions, TaskStatus
 from .pacing import PACE_WINDOW, book, slot_interval_s
 from .store import TaskStore
-from .work import ABANDON_MESSAGES, fail_task, run_task
+from .run import ABANDON_MESSAGES, fail_task, run_task
 
 log = logging.getLogger("m2fp.executor")
 

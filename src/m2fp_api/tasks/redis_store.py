@@ -18,7 +18,7 @@ import time
 
 import redis
 
-from .models import Holding, TaskHandle, TaskRecord, TaskStatus
+from .task import Holding, TaskHandle, TaskRecord, TaskStatus
 from .store import StoreUnavailable
 
 P = "m2fp:"
