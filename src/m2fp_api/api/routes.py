@@ -17,7 +17,8 @@ from .. import render
 from ..errors import BadRequest
 from ..tasks.task import OUTPUT_FILES, OUTPUT_NAMES, Holding, TaskOptions
 from .schemas import ErrorBody, Health, Label, ModelInfoOut, Task, TaskList
-from ..tasks.service import MB, BatchOutcome, Service
+from ..tasks.memory_plan import MB
+from ..tasks.service import BatchOutcome, Service
 
 MAX_WAIT_S = 60.0
 POLL_INTERVAL_S = 0.05

@@ -27,10 +27,6 @@ BOOKED_UNTIL = "m2fp:booked_until"  # the moment the last refused client was pro
 HARD_LIMIT_GRACE_S = 30
 
 
-def store_url(settings: Settings) -> str:
-    return settings.store_url or settings.broker_url
-
-
 def make_celery(settings: Settings) -> Celery:
     app = Celery("m2fp", broker=settings.broker_url)
     app.conf.update(

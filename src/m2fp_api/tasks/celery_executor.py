@@ -14,19 +14,21 @@ and a reaper, behind the same `Executor` interface as the in-process one.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
 import time
+from typing import Callable
 
 import kombu.exceptions
 import redis
 
+from ..engine import ParseResult
 from ..settings import Settings
 from .celery_app import (ALIVE, BOOKED_UNTIL, PACE, PAYLOAD, QUEUED, RUNNING, STOP, TASK_NAME, WORKERS,
                          make_celery)
-from .executor import Draining, QueueFull
+from .executor import Draining, NotLoaded, QueueFull
+from .model_card import ModelCard
 from .task import TaskOptions, TaskStatus
 from .pacing import RETRY_AFTER_MAX_S, book, slot_interval_s
 from .redis_store import RedisStore, unavailable_on_redis_errors
@@ -45,8 +47,10 @@ class CeleryExecutor:
         self.settings = settings
         self._rng = random.Random()
         self.app = make_celery(settings)
+        self.on_finished: Callable[[str, ParseResult | None], None] | None = None
         self._draining = False
         self._stop = threading.Event()
+        self._card: tuple[bytes, ModelCard] | None = None  # the last one read, as published and parsed
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -62,9 +66,27 @@ class CeleryExecutor:
     def draining(self) -> bool:
         return self._draining
 
+    def still_running(self) -> bool:
+        return False  # the work runs in the workers
+
+    # -- the model ----------------------------------------------------------------------
+    @property
+    def model(self) -> ModelCard:
+        """The workers' model, as the first live worker process published it: the API
+        holds none of its own. StoreUnavailable (503) when Redis is away."""
+        cards = self._worker_cards()
+        if not cards:
+            raise NotLoaded("No worker is running yet; start `m2fp worker`.")
+        if self._card is None or self._card[0] != cards[0]:  # parsed again only when it changes
+            self._card = (cards[0], ModelCard.from_json(cards[0]))
+        return self._card[1]
+
     @property
     def slots(self) -> int:
-        return len(self.workers())
+        return len(self._worker_cards())
+
+    def admit(self, width: int, height: int) -> None:
+        """The API does not know the workers' idle memory: no memory plan to check here."""
 
     # -- interface ------------------------------------------------------------------
     @unavailable_on_redis_errors
@@ -127,10 +149,9 @@ class CeleryExecutor:
                     continue
 
     @unavailable_on_redis_errors
-    def workers(self) -> list[dict]:
+    def _worker_cards(self) -> list[bytes]:
         keys = list(self.redis.scan_iter(WORKERS, count=100))
-        docs = self.redis.mget(keys) if keys else []
-        return [json.loads(d) for d in docs if d]
+        return [d for d in (self.redis.mget(keys) if keys else []) if d]
 
     # -- reaper -------------------------------------------------------------------------
     def _reap_loop(self) -> None:

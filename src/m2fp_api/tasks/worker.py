@@ -8,8 +8,6 @@ whose worker stopped signalling (killed, out of memory) instead of leaving it
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import socket
@@ -19,10 +17,9 @@ import time
 from celery.signals import worker_process_init
 
 from ..engine import HumanParser
-from ..engine.checkpoint import read_configuration
 from ..settings import Settings
-from .celery_app import (ALIVE, PACE, PAYLOAD, QUEUE, QUEUED, RUNNING, STOP, TASK_NAME, WORKER, make_celery,
-                         store_url)
+from .model_card import ModelCard
+from .celery_app import (ALIVE, PACE, PAYLOAD, QUEUE, QUEUED, RUNNING, STOP, TASK_NAME, WORKER, make_celery)
 from .task import TaskOptions, TaskStatus
 from .pacing import PACE_WINDOW
 from .redis_store import RedisStore
@@ -40,9 +37,7 @@ def _heartbeat() -> None:
     name = f"{socket.gethostname()}-{os.getpid()}"
     store: RedisStore = _state["store"]
     parser: HumanParser = _state["parser"]
-    doc = json.dumps({"info": dataclasses.asdict(parser.info),
-                      "model": read_configuration(parser.source.path)["model"],
-                      "pid": os.getpid()})
+    doc = ModelCard.of(parser).to_json()
     ttl_ms = int(settings.worker_lost_after_s * 1000)
     while True:
         try:
@@ -57,9 +52,7 @@ def _heartbeat() -> None:
 
 @worker_process_init.connect
 def _load_model(**_) -> None:
-    _state["store"] = RedisStore(store_url(settings), ttl_s=settings.result_ttl_s,
-                                 max_finished=settings.max_results,
-                                 unfinished_ttl_s=settings.queue_timeout_s + settings.run_timeout_s)
+    _state["store"] = RedisStore.from_settings(settings)
     parser = HumanParser.from_settings(settings)
     parser.warm_up()
     _state["parser"] = parser
