@@ -25,8 +25,8 @@ from . import errors
 from .auth import ApiKeys, Authenticate, OpenPaths, declare_security
 from .limits import RequestLimits, UploadBudget
 from .protocol import guarded_protocol
-from .routes import CAPACITY_REFUSED, EVENT_POLL_INTERVAL_S, ops, v1
-from ..tasks.service import Service
+from .routes import CAPACITY_REFUSED, ops, v1
+from ..tasks.service import EVENT_POLL_INTERVAL_S, Service
 
 log = logging.getLogger("m2fp.api")
 STREAM_FLUSH_S = 5 * EVENT_POLL_INTERVAL_S

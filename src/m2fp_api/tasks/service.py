@@ -5,8 +5,11 @@ would not take; the routes only parse requests and shape answers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 
 from ..engine.images import probe_image
@@ -24,6 +27,17 @@ from .task import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskSt
 log = logging.getLogger("m2fp.service")
 
 SWEEP_INTERVAL_S = 30
+# how often a waiting submission, and an event stream, look at the task again
+POLL_INTERVAL_S = 0.05
+EVENT_POLL_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task as its client sees it now: its handle, the work and its place in the queue."""
+
+    held: Holding
+    queue_position: int | None  # 1 = next to run; None unless queued
 
 
 @dataclass
@@ -88,6 +102,10 @@ class Service:
         """After `drain`: whether work that cannot be interrupted still runs in this process."""
         return self.executor.still_running()
 
+    @property
+    def slots(self) -> int:
+        return self.executor.slots
+
     # -- state ----------------------------------------------------------------------
     def require_ready(self) -> ModelCard:
         """The model (its info, config and limits), or the error saying why there is none."""
@@ -95,7 +113,7 @@ class Service:
             raise Draining("The service is shutting down; try another instance.")
         return self.executor.model
 
-    # -- tasks: what a submission, a read and a delete may do -------------------------
+    # -- tasks: what a submission, a read, a wait and a delete may do -------------------
     def submit(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding:
         """Admission control, then the identical live work of the same owner if there is
         some (shared, under a handle of its own), else new work on the queue."""
@@ -122,23 +140,62 @@ class Service:
             self.metrics.rejected.labels(code=exc.code).inc()
             raise
 
-    def submit_item(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding | Refusal:
-        """A batch item: a bad or refused photo fails its own item only."""
+    async def submit_batch(self, payloads: AsyncIterable[bytes], options: TaskOptions,
+                           owner: str | None) -> BatchOutcome:
+        """Each photo is submitted as it is read; a bad or refused one fails its own item
+        only. A batch none of whose items found room is refused whole (QueueFull)."""
+        self.require_ready()
+        batch = BatchOutcome()
+        async for payload in payloads:
+            batch.items.append(self._submit_item(payload, options, owner))
+        batch.raise_if_nothing_fits()
+        return batch
+
+    def _submit_item(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding | Refusal:
         try:
             return self.submit(payload, options, owner)
         except M2FPError as exc:
             return Refusal(id=new_task_id(), code=exc.code, message=exc.message,
                            retry_after_s=exc.retry_after_s if isinstance(exc, QueueFull) else None)
 
-    def task(self, task_id: str, owner: str | None) -> Holding:
+    def get(self, task_id: str, owner: str | None) -> Holding:
         """The caller's task: another owner's is as unknown as one that never existed."""
         held = self.store.lookup(task_id)
         if held is None or held.handle.owner != owner:
             raise NotFound("No such task (it may have expired).")
         return held
 
+    def view(self, held: Holding) -> TaskView:
+        position = self.executor.queue_position(held.work.id) if held.work.status is TaskStatus.queued else None
+        return TaskView(held, position)
+
+    async def wait(self, held: Holding, wait_s: float) -> Holding:
+        """The task once it has ended, or as it is after `wait_s`."""
+        end = time.monotonic() + wait_s
+        while not held.work.status.terminal and time.monotonic() < end:
+            await asyncio.sleep(POLL_INTERVAL_S)
+            held = self.store.lookup(held.handle.id) or held
+        return held
+
+    async def watch(self, task_id: str) -> AsyncIterator[TaskView | None]:
+        """The task each time it changes (its work or its place in the queue) until it
+        ends; None, and the end, when it is gone (expired or deleted)."""
+        last = None
+        while True:
+            held = self.store.lookup(task_id)
+            if held is None:
+                yield None
+                return
+            view = self.view(held)
+            if (held.work.version, view.queue_position) != last:
+                last = (held.work.version, view.queue_position)
+                yield view
+            if held.work.status.terminal:
+                return
+            await asyncio.sleep(EVENT_POLL_INTERVAL_S)
+
     def output(self, task_id: str, owner: str | None, name: str) -> bytes:
-        work = self.task(task_id, owner).work
+        work = self.get(task_id, owner).work
         if work.status is not TaskStatus.succeeded:
             raise NotReady(f"The task is {work.status.value}; results exist once it has succeeded.")
         if name not in work.options.outputs:
@@ -148,10 +205,10 @@ class Service:
             raise NotFound("No such task (it may have expired).")
         return data
 
-    def delete_task(self, task_id: str, owner: str | None) -> None:
+    def cancel(self, task_id: str, owner: str | None) -> None:
         """Let go of the caller's handle only. Work nobody else holds is cancelled (queued:
         now; running: at its next stage boundary) or, when finished, forgotten."""
-        self.task(task_id, owner)
+        self.get(task_id, owner)
         orphan = self.store.release(task_id)
         if orphan is not None:
             self.executor.cancel(orphan.id)
