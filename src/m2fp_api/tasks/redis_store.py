@@ -297,7 +297,3 @@ class RedisStore:
         if excess > 0:
             for handle_id, _ in self.redis.zpopmin(FINISHED, excess):
                 self._let_go(handle_id.decode())  # finished views: forgotten
-
-    @unavailable_on_redis_errors
-    def ping(self) -> None:
-        self.redis.ping()
