@@ -42,6 +42,13 @@ class TaskOptions:
     outputs: tuple[str, ...] = OUTPUT_NAMES
     overlay_alpha: float = 0.5
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"outputs": list(self.outputs), "overlay_alpha": self.overlay_alpha}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskOptions":
+        return cls(outputs=tuple(d["outputs"]), overlay_alpha=float(d["overlay_alpha"]))
+
 
 def content_key(payload: bytes, options: TaskOptions, model_id: str, owner: str | None) -> str:
     """Identical bytes with identical options on the same model give the same result. The
@@ -81,16 +88,14 @@ class TaskRecord:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["status"], d["stage"] = self.status.value, self.stage.value
-        d["options"] = {"outputs": list(self.options.outputs),
-                        "overlay_alpha": self.options.overlay_alpha}
+        d["options"] = self.options.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskRecord":
         d = dict(d)
         d["status"], d["stage"] = TaskStatus(d["status"]), Stage(d["stage"])
-        o = d["options"]
-        d["options"] = TaskOptions(outputs=tuple(o["outputs"]), overlay_alpha=float(o["overlay_alpha"]))
+        d["options"] = TaskOptions.from_dict(d["options"])
         return cls(**d)
 
 
