@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PARITY
 
@@ -91,6 +92,12 @@ class Server:
                 return task
             time.sleep(0.05)
         raise TimeoutError(f"task {task_id} never reached {statuses}: {task}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` (e.g. `m2fp_tasks_total`) with these labels."""
+        families = text_string_to_metric_families(self.client.get("/metrics").text)
+        return sum(sample.value for family in families for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
     def watch(self, task_id: str) -> "EventWatcher":
         return EventWatcher(self.url, task_id)

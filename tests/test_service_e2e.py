@@ -159,8 +159,7 @@ def test_service_endpoints(server):
     metrics = server.client.get("/metrics").text
     for name in ("m2fp_queue_depth", "m2fp_in_flight", "m2fp_process_rss_bytes"):
         assert name in metrics
-    if getattr(server, "mode", None) != "cluster":  # outcomes are counted where work runs
-        assert "m2fp_tasks_total" in metrics and "m2fp_stage_seconds_bucket" in metrics
+    assert "m2fp_tasks_total" in metrics and "m2fp_stage_seconds_bucket" in metrics  # both modes
     page = server.client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
 

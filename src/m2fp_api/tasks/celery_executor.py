@@ -10,6 +10,10 @@ and a reaper, behind the same `Executor` interface as the in-process one.
   limit fail with `timeout` and are told to stop; running tasks whose worker stopped
   signalling fail with `worker_lost`. Celery itself reports unknown ids as PENDING, so
   the store is the only authority on what exists.
+- Metrics: workers report how each run ended to Redis; the reaper collects those
+  reports (each by one API process) and hands them to `on_finished`, so `/metrics`
+  counts outcomes and stage times as in-process. Summed over the API processes (as
+  Prometheus does), each run counts once.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from typing import Callable
 
 import kombu.exceptions
 
-from ..engine import ParseResult
 from ..settings import Settings
 from .celery_app import TASK_NAME, make_celery
 from .executor import Draining, NotLoaded, QueueFull
@@ -32,7 +35,7 @@ from .redis_queue import RedisQueue
 from .redis_store import RedisStore
 from .run import ABANDON_MESSAGES, fail_task
 from .store import StoreUnavailable
-from .task import TaskOptions, TaskStatus
+from .task import TaskOptions, TaskOutcome, TaskStatus
 
 log = logging.getLogger("m2fp.cluster")
 REAP_INTERVAL_S = 0.5
@@ -46,7 +49,7 @@ class CeleryExecutor:
         self.settings = settings
         self._rng = random.Random()
         self.app = make_celery(settings)
-        self.on_finished: Callable[[str, ParseResult | None], None] | None = None
+        self.on_finished: Callable[[TaskOutcome], None] | None = None
         self._draining = False
         self._stop = threading.Event()
         self._card: tuple[bytes, ModelCard] | None = None  # the last one read, as published and parsed
@@ -126,6 +129,7 @@ class CeleryExecutor:
         while not self._stop.wait(REAP_INTERVAL_S):
             try:
                 self.reap()
+                self.collect_outcomes()
             except StoreUnavailable:
                 pass  # Redis is away; the API answers 503 meanwhile
             except Exception:
@@ -148,3 +152,8 @@ class CeleryExecutor:
             elif record.status is TaskStatus.running and record.started_at and now - record.started_at > self.settings.run_timeout_s:
                 fail_task(self.store, task_id, "timeout", ABANDON_MESSAGES["timeout"], (TaskStatus.running,))
                 self.queue.stop(task_id, "timeout")
+
+    def collect_outcomes(self) -> None:
+        for outcome in self.queue.collect():
+            if self.on_finished is not None:
+                self.on_finished(outcome)

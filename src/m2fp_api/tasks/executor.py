@@ -23,12 +23,12 @@ from typing import Callable, Protocol
 
 import psutil
 
-from ..engine import HumanParser, ParseResult
+from ..engine import HumanParser
 from ..errors import M2FPError, ModelUnavailable
 from ..settings import Settings
 from .memory_plan import MB, MemoryPlan
 from .model_card import ModelCard
-from .task import TaskOptions, TaskStatus
+from .task import TaskOptions, TaskOutcome, TaskStatus
 from .pacing import PACE_WINDOW, book, slot_interval_s
 from .store import TaskStore
 from .run import ABANDON_MESSAGES, fail_task, run_task
@@ -59,8 +59,9 @@ class Executor(Protocol):
     knows executors through this alone: which one runs is decided once, from the
     settings (`modes.py`)."""
 
-    # called once for every task an executor has run, with how it ended
-    on_finished: Callable[[str, ParseResult | None], None] | None
+    # called once for every run of a task, with how it ended (in cluster mode by the one
+    # API process that collected the worker's report)
+    on_finished: Callable[[TaskOutcome], None] | None
 
     def start(self) -> None:
         """Begin in the background (load the model, or watch the workers); returns at once."""
@@ -127,7 +128,7 @@ class InProcessExecutor:
         self.queue_size = settings.queue_size
         self.queue_timeout_s = settings.queue_timeout_s
         self.run_timeout_s = settings.run_timeout_s
-        self.on_finished: Callable[[str, ParseResult | None], None] | None = None
+        self.on_finished: Callable[[TaskOutcome], None] | None = None
         self._load = load or (lambda: HumanParser.from_settings(settings))
         self._queue: deque[_Job] = deque()
         self._running: dict[str, _Job] = {}

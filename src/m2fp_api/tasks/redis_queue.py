@@ -9,7 +9,8 @@ task ids workers have taken), `alive:{id}` (refreshed by the worker running the 
 `stop:{id}` (why a running task should stop: "cancelled", "timeout"), `worker:{name}` (a
 worker process's ModelCard, refreshed while it lives), `pace` (the latest run times in
 seconds, newest first), `booked_until` (the moment the last refused client was promised
-a place). Every key expires.
+a place), `outcomes` (how the workers' runs ended, newest first, until an API process
+collects them for its metrics). Every key expires.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import redis
 from ..settings import Settings
 from .pacing import PACE_WINDOW, RETRY_AFTER_MAX_S, book
 from .redis_store import unavailable_on_redis_errors
+from .task import TaskOutcome
 
 PAYLOAD = "m2fp:payload:{}"
 QUEUED = "m2fp:queued"
@@ -32,6 +34,11 @@ WORKER = "m2fp:worker:{}"
 WORKERS = "m2fp:worker:*"
 PACE = "m2fp:pace"
 BOOKED_UNTIL = "m2fp:booked_until"
+OUTCOMES = "m2fp:outcomes"
+# outcomes kept for collection at most: when no API process collects them (none runs),
+# the oldest go first
+OUTCOMES_KEPT = 10_000
+OUTCOMES_COLLECTED_AT_ONCE = 500
 
 
 class RedisQueue:
@@ -164,3 +171,24 @@ class RedisQueue:
                     return booking.retry_after_s
                 except redis.WatchError:
                     continue
+
+    # -- outcomes -----------------------------------------------------------------------
+    @unavailable_on_redis_errors
+    def report(self, outcome: TaskOutcome) -> None:
+        """A worker's, for each run: how it ended."""
+        pipe = self.redis.pipeline()
+        pipe.lpush(OUTCOMES, outcome.to_json())
+        pipe.ltrim(OUTCOMES, 0, OUTCOMES_KEPT - 1)
+        pipe.pexpire(OUTCOMES, self.pace_ttl_ms)
+        pipe.execute()
+
+    @unavailable_on_redis_errors
+    def collect(self) -> list[TaskOutcome]:
+        """The outcomes reported since the last collection, oldest first. Popping is atomic,
+        so with several API processes each outcome is collected by exactly one."""
+        outcomes: list[TaskOutcome] = []
+        while batch := self.redis.rpop(OUTCOMES, OUTCOMES_COLLECTED_AT_ONCE):
+            outcomes.extend(TaskOutcome.from_json(raw) for raw in batch)
+            if len(batch) < OUTCOMES_COLLECTED_AT_ONCE:
+                break
+        return outcomes

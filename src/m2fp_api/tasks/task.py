@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -151,3 +152,20 @@ class Refusal:
     message: str
     at: float = field(default_factory=time.time)
     retry_after_s: int | None = None  # set when refused for capacity: when to resubmit it
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """How one run of a task ended, for the metrics: its terminal status and, when it
+    succeeded, the engine's time per stage."""
+
+    status: TaskStatus
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"status": self.status.value, "timings_ms": self.timings_ms})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "TaskOutcome":
+        d = json.loads(raw)
+        return cls(TaskStatus(d["status"]), d["timings_ms"])

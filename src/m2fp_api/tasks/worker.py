@@ -26,7 +26,7 @@ from .model_card import ModelCard
 from .redis_queue import RedisQueue
 from .redis_store import RedisStore
 from .run import fail_task, run_task
-from .task import TaskOptions, TaskStatus
+from .task import TaskOptions, TaskOutcome, TaskStatus
 
 log = logging.getLogger("m2fp.worker")
 HEARTBEAT_S = 2.0
@@ -55,6 +55,13 @@ class WorkerProcess:
                 log.warning("heartbeat failed", exc_info=True)
             time.sleep(HEARTBEAT_S)
 
+    def _report(self, outcome: TaskOutcome) -> None:
+        """For the API processes' metrics; losing one report must not fail the task."""
+        try:
+            self.queue.report(outcome)
+        except Exception:
+            log.warning("reporting a task's outcome failed", exc_info=True)
+
     def parse(self, task_id: str, options: TaskOptions) -> None:
         self.task_id = task_id
         payload = self.queue.take(task_id)
@@ -71,7 +78,8 @@ class WorkerProcess:
                 fail_task(self.store, task_id, "timeout", "The upload expired before a worker took it.",
                           (TaskStatus.queued,))
                 return
-            run_task(self.parser, self.store, task_id, payload, options, should_stop)
+            run_task(self.parser, self.store, task_id, payload, options, should_stop,
+                     on_finished=self._report)
             self.queue.record_run(time.monotonic() - started)  # the pace Retry-After is planned from
         finally:
             self.task_id = None
