@@ -4,23 +4,13 @@ real API processes (shared/RELIABILITY.md item 19 and the scale-out issue)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
-import pytest
+from photos import big_jpeg, jpeg
+from server import Server, Worker, needs_redis
 
-from server import Redis, Server, Worker, big_jpeg, jpeg
-
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="Debian's redis-server is not installed (scripts/ensure-test-services.sh)")
-
-
-@pytest.fixture
-def redis():
-    r = Redis()
-    yield r
-    r.stop()
+pytestmark = needs_redis
 
 
 def wait_workers(server: Server, count: int, timeout: float = 60) -> None:
