@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import render
 from ..errors import BadRequest
 from ..tasks.memory_plan import MB
-from ..tasks.service import TaskView
+from ..tasks.service import Service, TaskView
 from ..tasks.task import OUTPUT_FILES, OUTPUT_NAMES, Holding, TaskOptions
 from .deps import OwnerDep, ServiceDep
 from .schemas import ErrorBody, Health, Label, ModelInfoOut, Task, TaskList
@@ -160,7 +160,7 @@ async def task_events(service: ServiceDep, owner: OwnerDep, task_id: str):
     return EventSourceResponse(events(), ping=15)
 
 
-def _output(service: ServiceDep, owner: OwnerDep, task_id: str, name: str, media_type: str) -> Response:
+def _output(service: Service, owner: str | None, task_id: str, name: str, media_type: str) -> Response:
     data = service.output(task_id, owner, name)
     filename = OUTPUT_FILES[name]
     return Response(data, media_type=media_type,
