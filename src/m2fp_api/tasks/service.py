@@ -187,10 +187,13 @@ class Service:
                 yield None
                 return
             view = self.view(held)
-            if (held.work.version, view.queue_position) != last:
-                last = (held.work.version, view.queue_position)
+            # read before yielding: the in-memory store's records change while the
+            # consumer holds the view, and a task that ended then must still be sent
+            snapshot, ended = (held.work.version, view.queue_position), held.work.status.terminal
+            if snapshot != last:
+                last = snapshot
                 yield view
-            if held.work.status.terminal:
+            if ended:
                 return
             await asyncio.sleep(EVENT_POLL_INTERVAL_S)
 
