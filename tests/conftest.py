@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PARITY = FIXTURES / "m2fp-parity"
@@ -33,24 +31,43 @@ def single_parser():
     return HumanParser.from_pretrained(PARITY / "tiny-single", allow_download=False)
 
 
-def png_bytes(image: Image.Image, **save_args) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", **save_args)
-    return buf.getvalue()
+def start_redis():
+    from server import HAS_REDIS, NO_REDIS, Redis
+
+    if not HAS_REDIS:
+        pytest.skip(NO_REDIS)
+    r = Redis()
+    yield r
+    r.stop()
 
 
-def jpeg_bytes(image: Image.Image, **save_args) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90, **save_args)
-    return buf.getvalue()
+@pytest.fixture
+def redis():
+    """A redis-server of the test's own (it may stop and start it)."""
+    yield from start_redis()
 
 
-def photo(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:
-    """A small photo-like RGB image: smooth gradients plus noise, no two pixels alike."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / width, y * 255 / height, np.full_like(x, 128.0)], -1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
+@pytest.fixture(scope="session")
+def shared_redis():
+    """One redis-server for the tests that only need a Redis; each empties it first."""
+    yield from start_redis()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request):
+    """Makes an empty task store of each kind, so that a test runs over both."""
+    from m2fp_api.tasks.store import MemoryStore
+
+    def make(ttl_s: float = 60, max_finished: int = 100):
+        if request.param == "memory":
+            return MemoryStore(ttl_s=ttl_s, max_finished=max_finished, max_output_bytes=2**30)
+        from m2fp_api.tasks.redis_store import RedisStore
+
+        store = RedisStore(request.getfixturevalue("shared_redis").url, ttl_s=ttl_s,
+                           max_finished=max_finished, unfinished_ttl_s=60)
+        store.redis.flushdb()
+        return store
+    return make
 
 
 def load_expected(mode: str) -> dict:

@@ -1,8 +1,8 @@
-"""A real `m2fp serve` (uvicorn) in a subprocess on a free loopback port."""
+"""Real processes for the tests: `m2fp serve` (uvicorn), `m2fp worker` (Celery) and
+redis-server, each on free loopback ports, and a deployment of them in either mode."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -15,12 +15,17 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
-from PIL import Image
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PARITY
 
 TINY_MULTIPLE = str(PARITY / "tiny-multiple")
+HAS_REDIS = shutil.which("redis-server") is not None
+NO_REDIS = "Debian's redis-server is not installed (scripts/ensure-test-services.sh)"
+needs_redis = pytest.mark.skipif(not HAS_REDIS, reason=NO_REDIS)
+# how the service runs tasks: parametrise a fixture over these to test both
+DEPLOYMENTS = ["in-process", pytest.param("cluster", marks=needs_redis)]
 
 
 def free_port() -> int:
@@ -92,6 +97,12 @@ class Server:
             time.sleep(0.05)
         raise TimeoutError(f"task {task_id} never reached {statuses}: {task}")
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` (e.g. `m2fp_tasks_total`) with these labels."""
+        families = text_string_to_metric_families(self.client.get("/metrics").text)
+        return sum(sample.value for family in families for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
     def watch(self, task_id: str) -> "EventWatcher":
         return EventWatcher(self.url, task_id)
 
@@ -123,22 +134,6 @@ class EventWatcher(threading.Thread):
     @property
     def final(self) -> dict | None:
         return self.events[-1] if self.events else None
-
-
-def jpeg(width: int, height: int, seed: int = 0, quality: int = 85) -> bytes:
-    """A smooth photo-like JPEG (small file even at 24 MP)."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    r = (x * 255 / width + seed * 37) % 256
-    arr = np.stack([r, y * 255 / height, (x + y) * 127 / (width + height)], -1).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def big_jpeg(seed: int = 0) -> bytes:
-    """24 MP: seconds of real work even for the tiny model (decoding, post-processing
-    and rendering at full size), so tests can catch tasks while they run."""
-    return jpeg(6000, 4000, seed)
 
 
 class Redis:
@@ -192,3 +187,23 @@ class Worker:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
+
+
+class Deployment:
+    """A server in either mode: in-process, or in cluster mode with its own Redis and one
+    worker, given the same settings."""
+
+    def __init__(self, tmp: Path, mode: str, **settings) -> None:
+        self.mode = mode
+        self.redis = self.worker = None
+        if mode == "cluster":
+            self.redis = Redis()
+            self.worker = Worker(tmp, self.redis, **settings)
+            settings["broker_url"] = self.redis.url
+        self.server = Server(tmp, **settings).wait_ready()
+
+    def stop(self) -> None:
+        self.server.stop()
+        for part in (self.worker, self.redis):
+            if part is not None:
+                part.stop()

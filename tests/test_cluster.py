@@ -4,23 +4,13 @@ real API processes (shared/RELIABILITY.md item 19 and the scale-out issue)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
-import pytest
+from photos import big_jpeg, jpeg
+from server import Server, Worker, needs_redis
 
-from server import Redis, Server, Worker, big_jpeg, jpeg
-
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="Debian's redis-server is not installed (scripts/ensure-test-services.sh)")
-
-
-@pytest.fixture
-def redis():
-    r = Redis()
-    yield r
-    r.stop()
+pytestmark = needs_redis
 
 
 def wait_workers(server: Server, count: int, timeout: float = 60) -> None:
@@ -31,6 +21,14 @@ def wait_workers(server: Server, count: int, timeout: float = 60) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"{count} workers never registered:\n{server.log()}")
+
+
+def wait_counted(servers: list[Server], name: str, expected: float, timeout: float = 10, **labels) -> None:
+    """Workers report how runs ended; the API processes collect the reports twice a second."""
+    end = time.monotonic() + timeout
+    while (seen := sum(s.metric(name, **labels) for s in servers)) != expected and time.monotonic() < end:
+        time.sleep(0.2)
+    assert seen == expected, (name, labels, seen)
 
 
 def test_killed_worker_fails_its_task_not_running_forever(tmp_path, redis):
@@ -95,6 +93,13 @@ def test_two_apis_and_two_workers_share_one_redis(tmp_path, redis):
         assert a.client.get(again["links"]["mask"]).content == a.client.get(f"/v1/tasks/{tasks[0]['id']}/mask.png").content
         # unknown ids are unknown everywhere (Celery's PENDING for unknown ids is not trusted)
         assert b.client.get("/v1/tasks/0123456789abcdef").status_code == 404
+        # /metrics counts the workers' runs, each once over the API processes (the cached
+        # submission did not run)
+        wait_counted([a, b], "m2fp_tasks_total", 4, status="succeeded")
+        wait_counted([a, b], "m2fp_stage_seconds_count", 4, stage="inference")
+        time.sleep(1.0)  # two more collections: nothing is counted twice
+        wait_counted([a, b], "m2fp_tasks_total", 4, timeout=0, status="succeeded")
+        assert sum(s.metric("m2fp_stage_seconds_sum", stage="postprocessing") for s in (a, b)) > 0
     finally:
         a.stop()
         b.stop()
@@ -121,6 +126,9 @@ def test_cluster_backpressure_and_cancellation(tmp_path, redis):
         after = api.submit(jpeg(90, 90, seed=53), wait=60).json()
         assert after["status"] == "succeeded"
         assert api.client.get(f"/v1/tasks/{queued['id']}").json()["started_at"] is None
+        # the run cancelled while running is counted; the task cancelled while queued never ran
+        wait_counted([api], "m2fp_tasks_total", 1, status="cancelled")
+        wait_counted([api], "m2fp_tasks_total", 1, status="succeeded")
     finally:
         api.stop()
         worker.stop()

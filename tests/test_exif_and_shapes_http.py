@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import jpeg_bytes, photo, png_bytes
+from photos import jpeg_bytes, photo, png_bytes
 from server import Server
 from test_images import ISSUE_EXIF, _chunk, exif_with, marked_photo, marker_centre, oriented, with_app1
 from test_reliability_http import assert_error

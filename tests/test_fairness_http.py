@@ -10,41 +10,19 @@ uvicorn, in-process and in cluster mode (real redis-server, real Celery worker):
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from server import Redis, Server, Worker, big_jpeg, jpeg
+from photos import big_jpeg, jpeg
+from server import DEPLOYMENTS, Deployment, Server
 
 from m2fp_api.tasks.pacing import RETRY_AFTER_MAX_S
 
-HAS_REDIS = shutil.which("redis-server") is not None
-MODES = ["in-process", pytest.param("cluster", marks=pytest.mark.skipif(
-    not HAS_REDIS, reason="Debian's redis-server is not installed (scripts/ensure-test-services.sh)"))]
 # one inference at a time and one queue place, so a big photo holds the service busy
 # for seconds while the test fills the queue behind it
 SETTINGS = {"slots": 1, "queue_size": 1, "max_results": 4}
 
 
-class Deployment:
-    """A server (and in cluster mode its Redis and worker) with the given settings."""
-
-    def __init__(self, tmp, mode: str, **settings) -> None:
-        self.redis = self.worker = None
-        if mode == "cluster":
-            self.redis = Redis()
-            self.worker = Worker(tmp, self.redis, **settings)
-            settings["broker_url"] = self.redis.url
-        self.server = Server(tmp, **settings).wait_ready()
-
-    def stop(self) -> None:
-        self.server.stop()
-        for part in (self.worker, self.redis):
-            if part is not None:
-                part.stop()
-
-
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=DEPLOYMENTS)
 def server(request, tmp_path_factory):
     deployment = Deployment(tmp_path_factory.mktemp(request.param), request.param, **SETTINGS)
     yield deployment.server
@@ -135,7 +113,7 @@ def test_cancelling_the_last_handle_cancels_the_work(server):
     server.wait_status(blocker["id"])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", DEPLOYMENTS)
 def test_with_api_keys_a_task_is_its_keys_alone(tmp_path, mode):
     deployment = Deployment(tmp_path, mode, api_key="alice-key,bob-key")
     server = deployment.server
@@ -190,7 +168,7 @@ def test_batch_larger_than_the_free_queue_says_what_to_resubmit(server):
 
 # -- item 7: Retry-After keeps the queue fed -------------------------------------------
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", DEPLOYMENTS)
 def test_retry_after_spreads_refused_clients(tmp_path, mode):
     """A fresh service (no pace measured yet, so the default pace) with its one slot busy
     and its queue full: each refused client is told a different, bounded time."""

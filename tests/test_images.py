@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import jpeg_bytes, photo, png_bytes
+from photos import jpeg_bytes, photo, png_bytes
 from m2fp_api.engine.images import (EXIF_SIGNATURE, ImageLimits, decode_image, orientation_from_exif,
                                     split_jpeg_exif)
 from m2fp_api.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedMediaType

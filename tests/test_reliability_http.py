@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import jpeg_bytes, photo, png_bytes
-from server import Server, jpeg
+from photos import jpeg, jpeg_bytes, photo, png_bytes
+from server import Server
 from test_images import NOT_IMAGES, bomb_jpeg, bomb_png, quadrants
 
 MAX_UPLOAD_MB = 2

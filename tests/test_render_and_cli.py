@@ -10,7 +10,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from conftest import PARITY, photo
+from conftest import PARITY
+from photos import photo
 from m2fp_api import render
 from m2fp_api.result_json import ParseResultOut
 

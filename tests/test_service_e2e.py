@@ -6,7 +6,6 @@ redis-server and a real Celery worker process), and must give the same answers."
 from __future__ import annotations
 
 import io
-import shutil
 import signal
 import time
 
@@ -15,32 +14,17 @@ import pytest
 from PIL import Image
 
 from conftest import PARITY
-from server import Redis, Server, Worker, big_jpeg, jpeg
+from photos import big_jpeg, jpeg
+from server import DEPLOYMENTS, Deployment, Server
 
 PHOTO = (PARITY / "images" / "two_figures.png").read_bytes()
-HAS_REDIS = shutil.which("redis-server") is not None
 
 
-@pytest.fixture(scope="module", params=[
-    "in-process",
-    pytest.param("cluster", marks=pytest.mark.skipif(
-        not HAS_REDIS, reason="Debian's redis-server is not installed (scripts/ensure-test-services.sh)")),
-])
+@pytest.fixture(scope="module", params=DEPLOYMENTS)
 def server(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(request.param)
-    if request.param == "in-process":
-        s = Server(tmp).wait_ready()
-        yield s
-        s.stop()
-        return
-    redis = Redis()
-    worker = Worker(tmp, redis)
-    s = Server(tmp, broker_url=redis.url).wait_ready()
-    s.mode = "cluster"
-    yield s
-    s.stop()
-    worker.stop()
-    redis.stop()
+    deployment = Deployment(tmp_path_factory.mktemp(request.param), request.param)
+    yield deployment.server
+    deployment.stop()
 
 
 def _png(data: bytes) -> Image.Image:
@@ -159,8 +143,7 @@ def test_service_endpoints(server):
     metrics = server.client.get("/metrics").text
     for name in ("m2fp_queue_depth", "m2fp_in_flight", "m2fp_process_rss_bytes"):
         assert name in metrics
-    if getattr(server, "mode", None) != "cluster":  # outcomes are counted where work runs
-        assert "m2fp_tasks_total" in metrics and "m2fp_stage_seconds_bucket" in metrics
+    assert "m2fp_tasks_total" in metrics and "m2fp_stage_seconds_bucket" in metrics  # both modes
     page = server.client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
 

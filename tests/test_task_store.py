@@ -4,40 +4,9 @@ the bounds (issue 11, items 5 and 6)."""
 
 from __future__ import annotations
 
-import shutil
 import time
 
-import pytest
-
-from server import Redis
-
 from m2fp_api.tasks.task import TaskHandle, TaskOptions, TaskRecord, TaskStatus
-from m2fp_api.tasks.store import MemoryStore
-
-HAS_REDIS = shutil.which("redis-server") is not None
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    if not HAS_REDIS:
-        pytest.skip("Debian's redis-server is not installed (scripts/ensure-test-services.sh)")
-    r = Redis()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(params=["memory", "redis"])
-def make_store(request):
-    def make(ttl_s: float = 60, max_finished: int = 100):
-        if request.param == "memory":
-            return MemoryStore(ttl_s=ttl_s, max_finished=max_finished, max_output_bytes=2**30)
-        from m2fp_api.tasks.redis_store import RedisStore
-
-        store = RedisStore(request.getfixturevalue("redis_server").url, ttl_s=ttl_s,
-                           max_finished=max_finished, unfinished_ttl_s=60)
-        store.redis.flushdb()
-        return store
-    return make
 
 
 def new_work(store, key: str) -> TaskRecord:
@@ -131,10 +100,10 @@ def test_a_cancelled_handle_expires_after_the_result_ttl(make_store):
     assert store.lookup("h2") is None and store.lookup(work.id).work.status is TaskStatus.queued
 
 
-def test_redis_handles_expire_with_their_work(redis_server):
+def test_redis_handles_expire_with_their_work(shared_redis):
     from m2fp_api.tasks.redis_store import RedisStore
 
-    store = RedisStore(redis_server.url, ttl_s=2, max_finished=10, unfinished_ttl_s=60)
+    store = RedisStore(shared_redis.url, ttl_s=2, max_finished=10, unfinished_ttl_s=60)
     store.redis.flushdb()
     work = new_work(store, "k")
     store.share("k", "h2", None)

@@ -19,7 +19,8 @@ import httpx
 import psutil
 import pytest
 
-from server import Server, jpeg
+from photos import jpeg
+from server import Server
 
 KEYS = ("first-key", "second-key")
 BOUNDARY = "StallStallStall"

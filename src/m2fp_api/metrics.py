@@ -7,7 +7,7 @@ from typing import Callable
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .engine import ParseResult
+from .tasks.task import TaskOutcome
 
 STAGE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 
@@ -37,11 +37,10 @@ class Metrics:
         self.stage_seconds = Histogram("m2fp_stage_seconds", "Time per processing stage", ["stage"],
                                        buckets=STAGE_BUCKETS_S, registry=self.registry)
 
-    def task_finished(self, status: str, result: ParseResult | None) -> None:
-        self.outcomes.labels(status=status).inc()
-        if result is not None:
-            for stage, ms in result.timings_ms.items():
-                self.stage_seconds.labels(stage=stage).observe(ms / 1000)
+    def task_finished(self, outcome: TaskOutcome) -> None:
+        self.outcomes.labels(status=outcome.status.value).inc()
+        for stage, ms in outcome.timings_ms.items():
+            self.stage_seconds.labels(stage=stage).observe(ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

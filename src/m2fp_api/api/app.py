@@ -25,8 +25,8 @@ from . import errors
 from .auth import ApiKeys, Authenticate, OpenPaths, declare_security
 from .limits import RequestLimits, UploadBudget
 from .protocol import guarded_protocol
-from .routes import CAPACITY_REFUSED, EVENT_POLL_INTERVAL_S, ops, v1
-from ..tasks.service import Service
+from .routes import CAPACITY_REFUSED, ops, v1
+from ..tasks.service import EVENT_POLL_INTERVAL_S, Service
 
 log = logging.getLogger("m2fp.api")
 STREAM_FLUSH_S = 5 * EVENT_POLL_INTERVAL_S
@@ -35,13 +35,13 @@ WEB = resources.files("m2fp_api").joinpath("web")
 
 def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
     settings = settings or Settings()
-    service = service or Service(settings)
+    service = service or Service.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start()
         yield
-        if not service.executor.draining:
+        if not service.draining:
             service.drain()
 
     app = FastAPI(title="m2fp-api", version=__version__, lifespan=lifespan,
@@ -153,7 +153,7 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     configure_logging(settings)
-    service = Service(settings)
+    service = Service.from_settings(settings)
     app = create_app(settings, service)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=5, timeout_keep_alive=settings.keep_alive_s,
@@ -161,12 +161,11 @@ def serve(settings: Settings | None = None) -> None:
                             ws="none",  # no WebSocket routes: upgrade requests stay plain HTTP
                             h11_max_incomplete_event_size=settings.max_header_kb * 1024)
     DrainingServer(config, service).run()
-    compiling = service.parser is not None and service.parser.compiler is not None and service.parser.compiler.running
-    if service.executor.in_flight() or compiling:
+    if service.still_running():
         # Past the drain deadline a slot can still be inside a torch kernel that cannot be
         # interrupted; its task is already recorded as failed (`shutdown`). Finalising the
         # interpreter under a running native thread (or a background compile) aborts the
         # process, so leave now.
-        log.info("exiting with %d abandoned task(s) still unwinding", service.executor.in_flight())
+        log.info("exiting with abandoned work (a task or a compile) still unwinding")
         logging.shutdown()
         os._exit(0)

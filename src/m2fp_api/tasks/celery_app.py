@@ -1,8 +1,8 @@
 """The Celery application shared by API processes (which send) and workers (which run).
 
-Only task ids travel through the broker; the upload waits in Redis under
-`m2fp:payload:{id}` (expiring with the queue time limit), and statuses, progress and
-outputs live in the Redis task store, so a Celery result backend is not used.
+Only task ids travel through the broker; the upload waits in Redis (redis_queue.py), and
+statuses, progress and outputs live in the Redis task store, so a Celery result backend
+is not used.
 """
 
 from __future__ import annotations
@@ -13,22 +13,8 @@ from ..settings import Settings
 
 QUEUE = "m2fp"
 TASK_NAME = "m2fp.parse"
-# Redis keys besides the store's (prefix m2fp:)
-PAYLOAD = "m2fp:payload:{}"  # the upload, until a worker takes it
-QUEUED = "m2fp:queued"  # sorted set: task id -> enqueue time (depth, positions, queue timeouts)
-RUNNING = "m2fp:running"  # set of task ids a worker has started
-ALIVE = "m2fp:alive:{}"  # refreshed by the worker while it runs the task
-STOP = "m2fp:stop:{}"  # why a running task should stop ("cancelled", "timeout")
-WORKER = "m2fp:worker:{}"  # a worker process's model info, refreshed while it lives
-WORKERS = "m2fp:worker:*"
-PACE = "m2fp:pace"  # list: the latest run times in seconds, newest first
-BOOKED_UNTIL = "m2fp:booked_until"  # the moment the last refused client was promised a place
 # beyond the run limit, Celery kills a task that never reaches a stage boundary
 HARD_LIMIT_GRACE_S = 30
-
-
-def store_url(settings: Settings) -> str:
-    return settings.store_url or settings.broker_url
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -10,28 +10,32 @@ and a reaper, behind the same `Executor` interface as the in-process one.
   limit fail with `timeout` and are told to stop; running tasks whose worker stopped
   signalling fail with `worker_lost`. Celery itself reports unknown ids as PENDING, so
   the store is the only authority on what exists.
+- Metrics: workers report how each run ended to Redis; the reaper collects those
+  reports (each by one API process) and hands them to `on_finished`, so `/metrics`
+  counts outcomes and stage times as in-process. Summed over the API processes (as
+  Prometheus does), each run counts once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
 import time
+from typing import Callable
 
 import kombu.exceptions
-import redis
 
 from ..settings import Settings
-from .celery_app import (ALIVE, BOOKED_UNTIL, PACE, PAYLOAD, QUEUED, RUNNING, STOP, TASK_NAME, WORKERS,
-                         make_celery)
-from .executor import Draining, QueueFull
-from .task import TaskOptions, TaskStatus
-from .pacing import RETRY_AFTER_MAX_S, book, slot_interval_s
-from .redis_store import RedisStore, unavailable_on_redis_errors
-from .store import StoreUnavailable
+from .celery_app import TASK_NAME, make_celery
+from .executor import Draining, NotLoaded, QueueFull
+from .model_card import ModelCard
+from .pacing import slot_interval_s
+from .redis_queue import RedisQueue
+from .redis_store import RedisStore
 from .run import ABANDON_MESSAGES, fail_task
+from .store import StoreUnavailable
+from .task import TaskOptions, TaskOutcome, TaskStatus
 
 log = logging.getLogger("m2fp.cluster")
 REAP_INTERVAL_S = 0.5
@@ -39,14 +43,16 @@ WORKER_LOST = "The worker running this task stopped."
 
 
 class CeleryExecutor:
-    def __init__(self, store: RedisStore, settings: Settings) -> None:
+    def __init__(self, store: RedisStore, queue: RedisQueue, settings: Settings) -> None:
         self.store = store
-        self.redis = store.redis
+        self.queue = queue
         self.settings = settings
         self._rng = random.Random()
         self.app = make_celery(settings)
+        self.on_finished: Callable[[TaskOutcome], None] | None = None
         self._draining = False
         self._stop = threading.Event()
+        self._card: tuple[bytes, ModelCard] | None = None  # the last one read, as published and parsed
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -62,104 +68,92 @@ class CeleryExecutor:
     def draining(self) -> bool:
         return self._draining
 
+    def still_running(self) -> bool:
+        return False  # the work runs in the workers
+
+    # -- the model ----------------------------------------------------------------------
+    @property
+    def model(self) -> ModelCard:
+        """The workers' model, as the first live worker process published it: the API
+        holds none of its own. StoreUnavailable (503) when Redis is away."""
+        cards = self.queue.worker_cards()
+        if not cards:
+            raise NotLoaded("No worker is running yet; start `m2fp worker`.")
+        if self._card is None or self._card[0] != cards[0]:  # parsed again only when it changes
+            self._card = (cards[0], ModelCard.from_json(cards[0]))
+        return self._card[1]
+
     @property
     def slots(self) -> int:
-        return len(self.workers())
+        return len(self.queue.worker_cards())
+
+    def admit(self, width: int, height: int) -> None:
+        """The API does not know the workers' idle memory: no memory plan to check here."""
 
     # -- interface ------------------------------------------------------------------
-    @unavailable_on_redis_errors
     def submit(self, task_id: str, payload: bytes, options: TaskOptions) -> None:
         if self._draining:
             raise Draining("The service is shutting down; try another instance.")
-        if self.redis.zcard(QUEUED) >= self.settings.queue_size:
+        if self.queue.depth() >= self.settings.queue_size:
             raise QueueFull("The queue is full; retry later.", self.retry_after_s())
-        pipe = self.redis.pipeline()
-        pipe.set(PAYLOAD.format(task_id), payload, px=int(self.settings.queue_timeout_s * 1000))
-        pipe.zadd(QUEUED, {task_id: time.time()})
-        pipe.execute()
+        self.queue.enqueue(task_id, payload)
         try:
-            self.app.send_task(TASK_NAME, args=[task_id, {"outputs": list(options.outputs),
-                                                          "overlay_alpha": options.overlay_alpha}],
-                               retry=False)
+            self.app.send_task(TASK_NAME, args=[task_id, options.to_dict()], retry=False)
         except (kombu.exceptions.OperationalError, OSError):
-            self.redis.delete(PAYLOAD.format(task_id))
-            self.redis.zrem(QUEUED, task_id)
+            self.queue.remove(task_id)
             raise StoreUnavailable("broker unreachable") from None
 
-    @unavailable_on_redis_errors
     def cancel(self, task_id: str) -> None:
         if self.store.update(task_id, if_status=(TaskStatus.queued,), status=TaskStatus.cancelled,
                              finished_at=time.time()):
-            self.redis.delete(PAYLOAD.format(task_id))
-            self.redis.zrem(QUEUED, task_id)
+            self.queue.remove(task_id)
         else:
-            self.redis.set(STOP.format(task_id), "cancelled", nx=True,
-                           px=int(self.settings.run_timeout_s * 2000))
+            self.queue.stop(task_id, "cancelled", keep_earlier=True)
 
-    @unavailable_on_redis_errors
     def queue_position(self, task_id: str) -> int | None:
-        rank = self.redis.zrank(QUEUED, task_id)
-        return None if rank is None else rank + 1
+        return self.queue.position(task_id)
 
-    @unavailable_on_redis_errors
     def depth(self) -> int:
-        return self.redis.zcard(QUEUED)
+        return self.queue.depth()
 
-    @unavailable_on_redis_errors
     def in_flight(self) -> int:
-        return self.redis.scard(RUNNING)
+        return self.queue.running_count()
 
-    @unavailable_on_redis_errors
     def retry_after_s(self) -> int:
         """Pacing across the cluster: the run times workers report, the live worker
         processes, and one line of promises shared by every API process."""
-        interval = slot_interval_s([float(s) for s in self.redis.lrange(PACE, 0, -1)], self.slots)
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(BOOKED_UNTIL)
-                    booking = book(time.time(), float(pipe.get(BOOKED_UNTIL) or 0), interval, self._rng)
-                    pipe.multi()
-                    pipe.set(BOOKED_UNTIL, booking.booked_until, px=RETRY_AFTER_MAX_S * 1000)
-                    pipe.execute()
-                    return booking.retry_after_s
-                except redis.WatchError:
-                    continue
-
-    @unavailable_on_redis_errors
-    def workers(self) -> list[dict]:
-        keys = list(self.redis.scan_iter(WORKERS, count=100))
-        docs = self.redis.mget(keys) if keys else []
-        return [json.loads(d) for d in docs if d]
+        return self.queue.book(slot_interval_s(self.queue.recent_runs(), self.slots), self._rng)
 
     # -- reaper -------------------------------------------------------------------------
     def _reap_loop(self) -> None:
         while not self._stop.wait(REAP_INTERVAL_S):
             try:
                 self.reap()
+                self.collect_outcomes()
             except StoreUnavailable:
                 pass  # Redis is away; the API answers 503 meanwhile
             except Exception:
                 log.warning("reaper failed", exc_info=True)
 
-    @unavailable_on_redis_errors
     def reap(self) -> None:
         now = time.time()
-        for raw in self.redis.zrangebyscore(QUEUED, 0, now - self.settings.queue_timeout_s):
-            task_id = raw.decode()
+        for task_id in self.queue.queued_before(now - self.settings.queue_timeout_s):
             fail_task(self.store, task_id, "timeout", ABANDON_MESSAGES["timeout"], (TaskStatus.queued,))
-            self.redis.zrem(QUEUED, task_id)
-            self.redis.delete(PAYLOAD.format(task_id))
-        for raw in self.redis.smembers(RUNNING):
-            task_id = raw.decode()
+            self.queue.remove(task_id)
+        for task_id in self.queue.running():
             record = self.store.get(task_id)
             if record is None or record.status.terminal:
-                self.redis.srem(RUNNING, task_id)
+                self.queue.forget_running(task_id)
                 continue
-            if not self.redis.exists(ALIVE.format(task_id)):
+            if not self.queue.alive(task_id):
                 # killed, also between taking the task and marking it running
                 fail_task(self.store, task_id, "worker_lost", WORKER_LOST)
-                self.redis.srem(RUNNING, task_id)
+                self.queue.forget_running(task_id)
             elif record.status is TaskStatus.running and record.started_at and now - record.started_at > self.settings.run_timeout_s:
                 fail_task(self.store, task_id, "timeout", ABANDON_MESSAGES["timeout"], (TaskStatus.running,))
-                self.redis.set(STOP.format(task_id), "timeout", px=int(self.settings.run_timeout_s * 2000))
+                self.queue.stop(task_id, "timeout")
+
+    def collect_outcomes(self) -> None:
+        for outcome in self.queue.collect():
+            if self.on_finished is not None:
+                self.on_finished(outcome)

@@ -1,10 +1,14 @@
-"""The executor interface, and the embedded one: a bounded queue in front of a fixed
-number of inference slots (threads sharing one warm model).
+"""The executor interface, and the embedded one: the model loaded in this process, a
+bounded queue in front of a fixed number of inference slots (threads sharing it).
 
 Time limits: a task waiting longer than the queue limit fails with `timeout`; a task
 running longer than the run limit is marked failed (`timeout`) at once, and its slot
 is held until the work really stops at its next stage boundary, so a runaway task can
 never overlap the next one. Cancellation works the same way.
+
+The model loads in the background after `start`, so the service answers `/healthz` at
+once and says 503 until the model is loaded and warmed; the slots are then sized to the
+memory budget from the idle RSS measured after the warm-up.
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from ..engine import HumanParser, ParseResult
-from ..errors import M2FPError
-from .task import TaskOptions, TaskStatus
+import psutil
+
+from ..engine import HumanParser
+from ..errors import M2FPError, ModelUnavailable
+from ..settings import Settings
+from .memory_plan import MB, MemoryPlan
+from .model_card import ModelCard
+from .task import TaskOptions, TaskOutcome, TaskStatus
 from .pacing import PACE_WINDOW, book, slot_interval_s
 from .store import TaskStore
 from .run import ABANDON_MESSAGES, fail_task, run_task
@@ -41,7 +50,33 @@ class Draining(M2FPError):
     code, status = "not_ready", 503
 
 
+class NotLoaded(M2FPError):
+    code, status = "not_ready", 503
+
+
 class Executor(Protocol):
+    """Runs the work recorded in the store to a terminal status there. The service core
+    knows executors through this alone: which one runs is decided once, from the
+    settings (`modes.py`)."""
+
+    # called once for every run of a task, with how it ended (in cluster mode by the one
+    # API process that collected the worker's report)
+    on_finished: Callable[[TaskOutcome], None] | None
+
+    def start(self) -> None:
+        """Begin in the background (load the model, or watch the workers); returns at once."""
+
+    @property
+    def model(self) -> ModelCard:
+        """The model tasks run on; NotLoaded or ModelUnavailable (503) while there is none."""
+
+    @property
+    def slots(self) -> int:
+        """How many tasks run at once."""
+
+    def admit(self, width: int, height: int) -> None:
+        """Refuse, before queueing, a photo a task here could not hold (ImageTooLarge)."""
+
     def submit(self, task_id: str, payload: bytes, options: TaskOptions) -> None:
         """Enqueue, or raise QueueFull / Draining."""
 
@@ -54,13 +89,22 @@ class Executor(Protocol):
     def retry_after_s(self) -> int:
         """When a client refused now is likely to find a queue place (see pacing)."""
 
-    def depth(self) -> int: ...
+    def depth(self) -> int:
+        """Tasks waiting for a slot."""
 
-    def in_flight(self) -> int: ...
+    def in_flight(self) -> int:
+        """Tasks running now."""
 
     def drain(self, deadline_s: float) -> None:
         """Refuse new work, let queued and running work finish within the deadline, then
         fail what is left with `shutdown`."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    def still_running(self) -> bool:
+        """After `drain`: whether threads of this process are still inside work that cannot
+        be interrupted (an abandoned task in a torch kernel, a background compile)."""
 
 
 @dataclass
@@ -74,15 +118,18 @@ class _Job:
 
 
 class InProcessExecutor:
-    def __init__(self, store: TaskStore, *, slots: int, queue_size: int, queue_timeout_s: float,
-                 run_timeout_s: float,
-                 on_finished: Callable[[str, ParseResult | None], None] | None = None) -> None:
+    def __init__(self, store: TaskStore, settings: Settings,
+                 load: Callable[[], HumanParser] | None = None) -> None:
+        """`load` builds the model (by default from the settings); it runs on `start`, in
+        the background."""
         self.store = store
-        self.slots = slots
-        self.queue_size = queue_size
-        self.queue_timeout_s = queue_timeout_s
-        self.run_timeout_s = run_timeout_s
-        self.on_finished = on_finished
+        self.settings = settings
+        self.slots = 0  # sized once the model is warm
+        self.queue_size = settings.queue_size
+        self.queue_timeout_s = settings.queue_timeout_s
+        self.run_timeout_s = settings.run_timeout_s
+        self.on_finished: Callable[[TaskOutcome], None] | None = None
+        self._load = load or (lambda: HumanParser.from_settings(settings))
         self._queue: deque[_Job] = deque()
         self._running: dict[str, _Job] = {}
         self._cond = threading.Condition()
@@ -90,13 +137,44 @@ class InProcessExecutor:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._parser: HumanParser | None = None
+        self._card: ModelCard | None = None
+        self._plan: MemoryPlan | None = None
+        self._load_error: ModelUnavailable | None = None
         self._recent_run_s: deque[float] = deque(maxlen=PACE_WINDOW)
         self._booked_until = 0.0  # the moment the last refused client was promised a place
         self._rng = random.Random()
 
     # -- lifecycle ----------------------------------------------------------------------
-    def start(self, parser: HumanParser) -> None:
+    def start(self) -> None:
+        threading.Thread(target=self._load_model, name="m2fp-load", daemon=True).start()
+
+    def _load_model(self) -> None:
+        started = time.time()
+        try:
+            parser = self._load()
+            parser.warm_up()
+        except ModelUnavailable as exc:
+            self._load_error = exc
+            log.error("model unavailable: %s", exc.message)
+            return
+        except Exception:
+            log.exception("model failed to load")
+            self._load_error = ModelUnavailable("The model failed to load; see the service log.")
+            return
+        idle = psutil.Process().memory_info().rss
+        self._plan = MemoryPlan.for_service(self.settings, idle)
+        self.slots = self._plan.slots
         self._parser = parser
+        self._start_slots()
+        self._card = ModelCard.of(parser)
+        info = parser.info
+        log.info("ready: model %s (pretrained=%s, %s, %d threads), %d slot(s), idle RSS %d MB, "
+                 "%.1f s after start", info.id, info.pretrained, info.backend, info.threads,
+                 self.slots, idle // MB, time.time() - started)
+        if not info.pretrained:
+            log.warning("model %s is a STAND-IN with random weights: results are not real parses", info.id)
+
+    def _start_slots(self) -> None:
         for i in range(self.slots):
             t = threading.Thread(target=self._work_loop, name=f"m2fp-slot-{i}", daemon=True)
             t.start()
@@ -123,6 +201,23 @@ class InProcessExecutor:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def still_running(self) -> bool:
+        compiler = self._parser.compiler if self._parser is not None else None
+        return bool(self.in_flight()) or (compiler is not None and compiler.running)
+
+    # -- the model ----------------------------------------------------------------------
+    @property
+    def model(self) -> ModelCard:
+        if self._card is None:
+            if self._load_error is not None:
+                raise self._load_error
+            raise NotLoaded("The model is still loading; retry shortly.")
+        return self._card
+
+    def admit(self, width: int, height: int) -> None:
+        if self._plan is not None:
+            self._plan.admit(width, height)
 
     # -- interface ------------------------------------------------------------------
     def submit(self, task_id: str, payload: bytes, options: TaskOptions) -> None:

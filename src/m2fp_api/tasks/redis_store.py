@@ -18,6 +18,7 @@ import time
 
 import redis
 
+from ..settings import Settings
 from .task import Holding, TaskHandle, TaskRecord, TaskStatus
 from .store import StoreUnavailable
 
@@ -67,6 +68,13 @@ class RedisStore:
         self.ttl_s = ttl_s
         self.max_finished = max_finished
         self.unfinished_ttl_s = unfinished_ttl_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "RedisStore":
+        """The store API processes and workers share (`M2FP_STORE_URL`, else the broker's Redis)."""
+        return cls(settings.store_url or settings.broker_url, ttl_s=settings.result_ttl_s,
+                   max_finished=settings.max_results,
+                   unfinished_ttl_s=settings.queue_timeout_s + settings.run_timeout_s)
 
     # -- helpers ------------------------------------------------------------------------
     def _ttl_ms(self, record: TaskRecord) -> int:
@@ -289,7 +297,3 @@ class RedisStore:
         if excess > 0:
             for handle_id, _ in self.redis.zpopmin(FINISHED, excess):
                 self._let_go(handle_id.decode())  # finished views: forgotten
-
-    @unavailable_on_redis_errors
-    def ping(self) -> None:
-        self.redis.ping()

@@ -14,7 +14,7 @@ from ..engine import HumanParser, ParseResult
 from ..engine.memory import release_free_memory
 from ..errors import M2FPError
 from ..result_json import ModelRef, ParseResultOut
-from .task import Stage, TaskOptions, TaskStatus
+from .task import Stage, TaskOptions, TaskOutcome, TaskStatus
 from .store import TaskStore
 
 log = logging.getLogger("m2fp.tasks")
@@ -59,8 +59,8 @@ def render_outputs(result: ParseResult, photo, options: TaskOptions,
 
 def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes,
              options: TaskOptions, should_stop: StopCheck,
-             on_finished: Callable[[str, ParseResult | None], None] | None = None) -> None:
-    """Run one task to a terminal status in `store`."""
+             on_finished: Callable[[TaskOutcome], None] | None = None) -> None:
+    """Run one task to a terminal status in `store`, then tell `on_finished` how it ended."""
     running = (TaskStatus.running,)
 
     def check() -> None:
@@ -106,7 +106,7 @@ def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes
     finally:
         release_free_memory()  # the task's full-size temporaries: back to the OS
         if on_finished is not None:
-            on_finished(status.value, result if status is TaskStatus.succeeded else None)
+            on_finished(TaskOutcome(status, dict(result.timings_ms) if status is TaskStatus.succeeded else {}))
 
 
 def fail_task(store: TaskStore, task_id: str, code: str, message: str,

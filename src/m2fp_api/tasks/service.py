@@ -1,56 +1,43 @@
-"""The running service: settings, store, executor, metrics and the one warm model.
-
-The model loads in the background after start-up, so `/healthz` answers at once and
-`/readyz` says 503 until the model is loaded and warmed. Inference slots are sized
-to the memory budget from the idle RSS measured after the warm-up.
+"""The service core: what a submission, a read, a wait and a delete may do, whatever runs
+the tasks. It owns admission, de-duplication and the roll-back of work the executor
+would not take; the routes only parse requests and shape answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 
-import psutil
-
-from ..engine import HumanParser, ModelInfo
-from ..engine.images import ImageLimits, probe_image
+from ..engine.images import probe_image
 from ..engine.preprocess import network_size
-from ..model import M2FPConfig
-from ..errors import M2FPError, ModelUnavailable, NotFound, NotReady
-from .executor import Draining, InProcessExecutor, QueueFull
-from .task import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskStatus, content_key,
-                           new_task_id)
-from .store import MemoryStore, StoreUnavailable, TaskStore
+from ..errors import M2FPError, NotFound, NotReady
 from ..metrics import Metrics
 from ..settings import Settings
-from .memory_plan import MB, MemoryPlan
+from .executor import Draining, Executor, QueueFull
+from .model_card import ModelCard
+from .modes import store_and_executor
+from .store import StoreUnavailable, TaskStore
+from .task import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskStatus, content_key,
+                   new_task_id)
 
 log = logging.getLogger("m2fp.service")
 
 SWEEP_INTERVAL_S = 30
-
-
-class NotLoaded(M2FPError):
-    code, status = "not_ready", 503
+# how often a waiting submission, and an event stream, look at the task again
+POLL_INTERVAL_S = 0.05
+EVENT_POLL_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
-class RemoteModel:
-    """What the routes need of the model when it lives in the workers (cluster mode):
-    the same `info`, `config` and `limits` a HumanParser has."""
+class TaskView:
+    """A task as its client sees it now: its handle, the work and its place in the queue."""
 
-    info: ModelInfo
-    config: M2FPConfig
-    limits: ImageLimits
-
-    @classmethod
-    def from_worker(cls, doc: dict, settings: Settings) -> "RemoteModel":
-        info = doc["info"]
-        info["classes"] = tuple(info["classes"])
-        return cls(ModelInfo(**info), M2FPConfig.from_model_section(doc["model"]),
-                   ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side))
+    held: Holding
+    queue_position: int | None  # 1 = next to run; None unless queued
 
 
 @dataclass
@@ -76,63 +63,22 @@ class BatchOutcome:
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: TaskStore, executor: Executor) -> None:
         self.settings = settings
-        self.cluster = bool(settings.broker_url)
-        if self.cluster:
-            from .celery_app import store_url
-            from .celery_executor import CeleryExecutor
-            from .redis_store import RedisStore
-
-            self.store: TaskStore = RedisStore(
-                store_url(settings), ttl_s=settings.result_ttl_s, max_finished=settings.max_results,
-                unfinished_ttl_s=settings.queue_timeout_s + settings.run_timeout_s)
-            self.executor = CeleryExecutor(self.store, settings)
-        else:
-            self.store = MemoryStore(ttl_s=settings.result_ttl_s, max_finished=settings.max_results,
-                                     max_output_bytes=int(settings.max_result_mb * MB))
-            self.executor = InProcessExecutor(
-                self.store, slots=0, queue_size=settings.queue_size,
-                queue_timeout_s=settings.queue_timeout_s, run_timeout_s=settings.run_timeout_s)
-        self.metrics = Metrics(depth=self.executor.depth, in_flight=self.executor.in_flight)
-        self.executor.on_finished = self.metrics.task_finished
-        self.parser: HumanParser | None = None
-        self.memory_plan: MemoryPlan | None = None  # in-process: sized once the model is warm
-        self.load_error: ModelUnavailable | None = None
-        self.started_at = time.time()
+        self.store = store
+        self.executor = executor
+        self.metrics = Metrics(depth=executor.depth, in_flight=executor.in_flight)
+        executor.on_finished = self.metrics.task_finished
         self._stop = threading.Event()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Service":
+        return cls(settings, *store_and_executor(settings))
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        if self.cluster:
-            self.executor.start()  # the reaper; the model lives in the workers
-        else:
-            threading.Thread(target=self._load, name="m2fp-load", daemon=True).start()
+        self.executor.start()
         threading.Thread(target=self._sweep_loop, name="m2fp-sweep", daemon=True).start()
-
-    def _load(self) -> None:
-        try:
-            parser = HumanParser.from_settings(self.settings)
-            parser.warm_up()
-        except ModelUnavailable as exc:
-            self.load_error = exc
-            log.error("model unavailable: %s", exc.message)
-            return
-        except Exception:
-            log.exception("model failed to load")
-            self.load_error = ModelUnavailable("The model failed to load; see the service log.")
-            return
-        idle = psutil.Process().memory_info().rss
-        self.memory_plan = MemoryPlan.for_service(self.settings, idle)
-        self.executor.slots = self.memory_plan.slots
-        self.executor.start(parser)
-        self.parser = parser
-        info = parser.info
-        log.info("ready: model %s (pretrained=%s, %s, %d threads), %d slot(s), idle RSS %d MB, "
-                 "%.1f s after start", info.id, info.pretrained, info.backend, info.threads,
-                 self.executor.slots, idle // MB, time.time() - self.started_at)
-        if not info.pretrained:
-            log.warning("model %s is a STAND-IN with random weights: results are not real parses", info.id)
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(SWEEP_INTERVAL_S):
@@ -148,23 +94,26 @@ class Service:
         self._stop.set()
         log.info("drained")
 
+    @property
+    def draining(self) -> bool:
+        return self.executor.draining
+
+    def still_running(self) -> bool:
+        """After `drain`: whether work that cannot be interrupted still runs in this process."""
+        return self.executor.still_running()
+
+    @property
+    def slots(self) -> int:
+        return self.executor.slots
+
     # -- state ----------------------------------------------------------------------
-    def require_ready(self) -> HumanParser | RemoteModel:
+    def require_ready(self) -> ModelCard:
         """The model (its info, config and limits), or the error saying why there is none."""
         if self.executor.draining:
             raise Draining("The service is shutting down; try another instance.")
-        if self.cluster:
-            workers = self.executor.workers()  # StoreUnavailable (503) when Redis is away
-            if not workers:
-                raise NotLoaded("No worker is running yet; start `m2fp worker`.")
-            return RemoteModel.from_worker(workers[0], self.settings)
-        if self.parser is None:
-            if self.load_error is not None:
-                raise self.load_error
-            raise NotLoaded("The model is still loading; retry shortly.")
-        return self.parser
+        return self.executor.model
 
-    # -- tasks: what a submission, a read and a delete may do -------------------------
+    # -- tasks: what a submission, a read, a wait and a delete may do -------------------
     def submit(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding:
         """Admission control, then the identical live work of the same owner if there is
         some (shared, under a handle of its own), else new work on the queue."""
@@ -172,8 +121,7 @@ class Service:
             model = self.require_ready()
             _, width, height = probe_image(payload, model.limits)
             network_size(width, height, model.config)  # refuses extreme aspect ratios now, not later
-            if self.memory_plan is not None:
-                self.memory_plan.admit(width, height)  # a photo its task's memory cannot hold
+            self.executor.admit(width, height)  # a photo its task's memory cannot hold
             key = content_key(payload, options, model.info.id, owner)
             task_id = new_task_id()
             shared = self.store.share(key, task_id, owner)
@@ -192,23 +140,65 @@ class Service:
             self.metrics.rejected.labels(code=exc.code).inc()
             raise
 
-    def submit_item(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding | Refusal:
-        """A batch item: a bad or refused photo fails its own item only."""
+    async def submit_batch(self, payloads: AsyncIterable[bytes], options: TaskOptions,
+                           owner: str | None) -> BatchOutcome:
+        """Each photo is submitted as it is read; a bad or refused one fails its own item
+        only. A batch none of whose items found room is refused whole (QueueFull)."""
+        self.require_ready()
+        batch = BatchOutcome()
+        async for payload in payloads:
+            batch.items.append(self._submit_item(payload, options, owner))
+        batch.raise_if_nothing_fits()
+        return batch
+
+    def _submit_item(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding | Refusal:
         try:
             return self.submit(payload, options, owner)
         except M2FPError as exc:
             return Refusal(id=new_task_id(), code=exc.code, message=exc.message,
                            retry_after_s=exc.retry_after_s if isinstance(exc, QueueFull) else None)
 
-    def task(self, task_id: str, owner: str | None) -> Holding:
+    def get(self, task_id: str, owner: str | None) -> Holding:
         """The caller's task: another owner's is as unknown as one that never existed."""
         held = self.store.lookup(task_id)
         if held is None or held.handle.owner != owner:
             raise NotFound("No such task (it may have expired).")
         return held
 
+    def view(self, held: Holding) -> TaskView:
+        position = self.executor.queue_position(held.work.id) if held.work.status is TaskStatus.queued else None
+        return TaskView(held, position)
+
+    async def wait(self, held: Holding, wait_s: float) -> Holding:
+        """The task once it has ended, or as it is after `wait_s`."""
+        end = time.monotonic() + wait_s
+        while not held.work.status.terminal and time.monotonic() < end:
+            await asyncio.sleep(POLL_INTERVAL_S)
+            held = self.store.lookup(held.handle.id) or held
+        return held
+
+    async def watch(self, task_id: str) -> AsyncIterator[TaskView | None]:
+        """The task each time it changes (its work or its place in the queue) until it
+        ends; None, and the end, when it is gone (expired or deleted)."""
+        last = None
+        while True:
+            held = self.store.lookup(task_id)
+            if held is None:
+                yield None
+                return
+            view = self.view(held)
+            # read before yielding: the in-memory store's records change while the
+            # consumer holds the view, and a task that ended then must still be sent
+            snapshot, ended = (held.work.version, view.queue_position), held.work.status.terminal
+            if snapshot != last:
+                last = snapshot
+                yield view
+            if ended:
+                return
+            await asyncio.sleep(EVENT_POLL_INTERVAL_S)
+
     def output(self, task_id: str, owner: str | None, name: str) -> bytes:
-        work = self.task(task_id, owner).work
+        work = self.get(task_id, owner).work
         if work.status is not TaskStatus.succeeded:
             raise NotReady(f"The task is {work.status.value}; results exist once it has succeeded.")
         if name not in work.options.outputs:
@@ -218,10 +208,10 @@ class Service:
             raise NotFound("No such task (it may have expired).")
         return data
 
-    def delete_task(self, task_id: str, owner: str | None) -> None:
+    def cancel(self, task_id: str, owner: str | None) -> None:
         """Let go of the caller's handle only. Work nobody else holds is cancelled (queued:
         now; running: at its next stage boundary) or, when finished, forgotten."""
-        self.task(task_id, owner)
+        self.get(task_id, owner)
         orphan = self.store.release(task_id)
         if orphan is not None:
             self.executor.cancel(orphan.id)

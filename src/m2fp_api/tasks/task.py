@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +42,13 @@ class Stage(str, Enum):
 class TaskOptions:
     outputs: tuple[str, ...] = OUTPUT_NAMES
     overlay_alpha: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outputs": list(self.outputs), "overlay_alpha": self.overlay_alpha}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskOptions":
+        return cls(outputs=tuple(d["outputs"]), overlay_alpha=float(d["overlay_alpha"]))
 
 
 def content_key(payload: bytes, options: TaskOptions, model_id: str, owner: str | None) -> str:
@@ -81,16 +89,14 @@ class TaskRecord:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["status"], d["stage"] = self.status.value, self.stage.value
-        d["options"] = {"outputs": list(self.options.outputs),
-                        "overlay_alpha": self.options.overlay_alpha}
+        d["options"] = self.options.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskRecord":
         d = dict(d)
         d["status"], d["stage"] = TaskStatus(d["status"]), Stage(d["stage"])
-        o = d["options"]
-        d["options"] = TaskOptions(outputs=tuple(o["outputs"]), overlay_alpha=float(o["overlay_alpha"]))
+        d["options"] = TaskOptions.from_dict(d["options"])
         return cls(**d)
 
 
@@ -146,3 +152,20 @@ class Refusal:
     message: str
     at: float = field(default_factory=time.time)
     retry_after_s: int | None = None  # set when refused for capacity: when to resubmit it
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """How one run of a task ended, for the metrics: its terminal status and, when it
+    succeeded, the engine's time per stage."""
+
+    status: TaskStatus
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"status": self.status.value, "timings_ms": self.timings_ms})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "TaskOutcome":
+        d = json.loads(raw)
+        return cls(TaskStatus(d["status"]), d["timings_ms"])

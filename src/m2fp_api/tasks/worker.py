@@ -1,15 +1,16 @@
-"""`m2fp worker`: a Celery worker whose processes each load the model once.
+"""`m2fp worker`: a Celery worker whose pool processes each load the model once.
 
-Each worker process publishes its model info (for `/v1/model`, `/v1/labels` and
-readiness) and, while a task runs, a liveness key: the API's reaper fails a task
-whose worker stopped signalling (killed, out of memory) instead of leaving it
-`running` forever. Celery replaces a process that grew past the memory bound.
+Nothing is built at import. `main()` reads the settings and builds the Celery app with
+its one task; each pool process builds its own resources when it starts (Celery's
+`worker_process_init`, after the fork): the store, the queue, the model and a
+heartbeat. The heartbeat publishes the process's ModelCard (for `/v1/model`,
+`/v1/labels` and readiness) and, while a task runs, its liveness: the API's reaper
+fails a task whose worker stopped signalling (killed, out of memory) instead of leaving
+it `running` forever. Celery replaces a process that grew past the memory bound.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import socket
@@ -19,98 +20,98 @@ import time
 from celery.signals import worker_process_init
 
 from ..engine import HumanParser
-from ..engine.checkpoint import read_configuration
 from ..settings import Settings
-from .celery_app import (ALIVE, PACE, PAYLOAD, QUEUE, QUEUED, RUNNING, STOP, TASK_NAME, WORKER, make_celery,
-                         store_url)
-from .task import TaskOptions, TaskStatus
-from .pacing import PACE_WINDOW
+from .celery_app import QUEUE, TASK_NAME, make_celery
+from .model_card import ModelCard
+from .redis_queue import RedisQueue
 from .redis_store import RedisStore
 from .run import fail_task, run_task
+from .task import TaskOptions, TaskOutcome, TaskStatus
 
 log = logging.getLogger("m2fp.worker")
 HEARTBEAT_S = 2.0
 
-settings = Settings()
-app = make_celery(settings) if settings.broker_url else None
-_state: dict = {}
 
+class WorkerProcess:
+    """One pool process: its store, queue and model, and the task it is running."""
 
-def _heartbeat() -> None:
-    name = f"{socket.gethostname()}-{os.getpid()}"
-    store: RedisStore = _state["store"]
-    parser: HumanParser = _state["parser"]
-    doc = json.dumps({"info": dataclasses.asdict(parser.info),
-                      "model": read_configuration(parser.source.path)["model"],
-                      "pid": os.getpid()})
-    ttl_ms = int(settings.worker_lost_after_s * 1000)
-    while True:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = RedisStore.from_settings(settings)
+        self.queue = RedisQueue(self.store.redis, settings)
+        self.parser = HumanParser.from_settings(settings)
+        self.parser.warm_up()
+        self.card = ModelCard.of(self.parser).to_json()
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self.task_id: str | None = None
+        threading.Thread(target=self._heartbeat, name="m2fp-heartbeat", daemon=True).start()
+        log.info("worker process %d ready: %s", os.getpid(), self.parser.info)
+
+    def _heartbeat(self) -> None:
+        while True:
+            try:
+                self.queue.heartbeat(self.name, self.card, self.task_id)
+            except Exception:  # Redis away for a moment: keep trying
+                log.warning("heartbeat failed", exc_info=True)
+            time.sleep(HEARTBEAT_S)
+
+    def _report(self, outcome: TaskOutcome) -> None:
+        """For the API processes' metrics; losing one report must not fail the task."""
         try:
-            store.redis.set(WORKER.format(name), doc, px=ttl_ms)
-            task_id = _state.get("task_id")
-            if task_id:
-                store.redis.set(ALIVE.format(task_id), name, px=ttl_ms)
-        except Exception:  # Redis away for a moment: keep trying
-            log.warning("heartbeat failed", exc_info=True)
-        time.sleep(HEARTBEAT_S)
+            self.queue.report(outcome)
+        except Exception:
+            log.warning("reporting a task's outcome failed", exc_info=True)
+
+    def parse(self, task_id: str, options: TaskOptions) -> None:
+        self.task_id = task_id
+        payload = self.queue.take(task_id)
+        started = time.monotonic()
+
+        def should_stop() -> str | None:
+            reason = self.queue.stop_reason(task_id)
+            if reason:
+                return reason
+            return "timeout" if time.monotonic() - started > self.settings.run_timeout_s else None
+
+        try:
+            if payload is None:  # cancelled, timed out or expired while queued
+                fail_task(self.store, task_id, "timeout", "The upload expired before a worker took it.",
+                          (TaskStatus.queued,))
+                return
+            run_task(self.parser, self.store, task_id, payload, options, should_stop,
+                     on_finished=self._report)
+            self.queue.record_run(time.monotonic() - started)  # the pace Retry-After is planned from
+        finally:
+            self.task_id = None
+            self.queue.done(task_id)
 
 
-@worker_process_init.connect
-def _load_model(**_) -> None:
-    _state["store"] = RedisStore(store_url(settings), ttl_s=settings.result_ttl_s,
-                                 max_finished=settings.max_results,
-                                 unfinished_ttl_s=settings.queue_timeout_s + settings.run_timeout_s)
-    parser = HumanParser.from_settings(settings)
-    parser.warm_up()
-    _state["parser"] = parser
-    threading.Thread(target=_heartbeat, name="m2fp-heartbeat", daemon=True).start()
-    log.info("worker process %d ready: %s", os.getpid(), parser.info)
+class Worker:
+    """`m2fp worker`'s Celery app and its task. The app exists before the pool forks;
+    each pool process then builds its WorkerProcess."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = make_celery(settings)
+        self.process: WorkerProcess | None = None
 
-def parse(task_id: str, options: dict) -> None:
-    store: RedisStore = _state["store"]
-    r = store.redis
-    # registered as running (and alive) before the upload is taken, so that a crash at
-    # any point leaves a trace the API's reaper resolves
-    _state["task_id"] = task_id
-    r.sadd(RUNNING, task_id)
-    r.set(ALIVE.format(task_id), "starting", px=int(settings.worker_lost_after_s * 1000))
-    payload = r.getdel(PAYLOAD.format(task_id))
-    r.zrem(QUEUED, task_id)
-    started = time.monotonic()
+        def parse(task_id: str, options: dict) -> None:
+            self.process.parse(task_id, TaskOptions.from_dict(options))
 
-    def should_stop() -> str | None:
-        reason = r.get(STOP.format(task_id))
-        if reason:
-            return reason.decode()
-        return "timeout" if time.monotonic() - started > settings.run_timeout_s else None
+        self.app.task(name=TASK_NAME, ignore_result=True)(parse)
+        worker_process_init.connect(self._init_process, weak=False)
 
-    try:
-        if payload is None:  # cancelled, timed out or expired while queued
-            fail_task(store, task_id, "timeout", "The upload expired before a worker took it.",
-                      (TaskStatus.queued,))
-            return
-        run_task(_state["parser"], store, task_id, payload,
-                 TaskOptions(outputs=tuple(options["outputs"]), overlay_alpha=options["overlay_alpha"]),
-                 should_stop)
-        # the pace the API processes' Retry-After is planned from
-        pipe = r.pipeline()
-        pipe.lpush(PACE, time.monotonic() - started)
-        pipe.ltrim(PACE, 0, PACE_WINDOW - 1)
-        pipe.pexpire(PACE, max(1, int(settings.result_ttl_s * 1000)))  # like every key, it expires
-        pipe.execute()
-    finally:
-        _state["task_id"] = None
-        r.srem(RUNNING, task_id)
-        r.delete(ALIVE.format(task_id), STOP.format(task_id))
+    def _init_process(self, **_) -> None:
+        self.process = WorkerProcess(self.settings)
 
-
-if app is not None:
-    app.task(name=TASK_NAME, ignore_result=True)(parse)
+    def run(self) -> None:
+        self.app.worker_main(argv=["worker", f"--concurrency={self.settings.worker_concurrency}",
+                                   "--pool=prefork", "--loglevel=INFO", "--without-gossip",
+                                   "--without-mingle", "-Q", QUEUE])
 
 
 def main() -> None:
-    if app is None:
+    settings = Settings()
+    if not settings.broker_url:
         raise SystemExit("m2fp worker needs M2FP_BROKER_URL (a Redis URL)")
-    app.worker_main(argv=["worker", f"--concurrency={settings.worker_concurrency}", "--pool=prefork",
-                          "--loglevel=INFO", "--without-gossip", "--without-mingle", "-Q", QUEUE])
+    Worker(settings).run()
