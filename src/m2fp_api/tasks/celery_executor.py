@@ -23,14 +23,13 @@ import time
 import kombu.exceptions
 import redis
 
+from ..errors import Draining, QueueFull, StoreUnavailable
 from ..settings import Settings
 from .celery_app import (ALIVE, BOOKED_UNTIL, PACE, PAYLOAD, QUEUED, RUNNING, STOP, TASK_NAME, WORKERS,
                          make_celery)
-from .executor import Draining, QueueFull
 from .task import TaskOptions, TaskStatus
 from .pacing import RETRY_AFTER_MAX_S, book, slot_interval_s
 from .redis_store import RedisStore, unavailable_on_redis_errors
-from .store import StoreUnavailable
 from .run import ABANDON_MESSAGES, fail_task
 
 log = logging.getLogger("m2fp.cluster")

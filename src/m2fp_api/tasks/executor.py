@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ..engine import HumanParser, ParseResult
-from ..errors import M2FPError
+from ..errors import Draining, QueueFull
 from .task import TaskOptions, TaskStatus
 from .pacing import PACE_WINDOW, book, slot_interval_s
 from .store import TaskStore
@@ -27,18 +27,6 @@ from .run import ABANDON_MESSAGES, fail_task, run_task
 log = logging.getLogger("m2fp.executor")
 
 WATCHDOG_INTERVAL_S = 0.1
-
-
-class QueueFull(M2FPError):
-    code, status = "queue_full", 503
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Draining(M2FPError):
-    code, status = "not_ready", 503
 
 
 class Executor(Protocol):

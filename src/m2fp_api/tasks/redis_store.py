@@ -18,8 +18,8 @@ import time
 
 import redis
 
+from ..errors import StoreUnavailable
 from .task import Holding, TaskHandle, TaskRecord, TaskStatus
-from .store import StoreUnavailable
 
 P = "m2fp:"
 FINISHED = P + "finished"

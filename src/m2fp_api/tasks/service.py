@@ -18,11 +18,12 @@ from ..engine import HumanParser, ModelInfo
 from ..engine.images import ImageLimits, probe_image
 from ..engine.preprocess import network_size
 from ..model import M2FPConfig
-from ..errors import M2FPError, ModelUnavailable, NotFound, NotReady
-from .executor import Draining, InProcessExecutor, QueueFull
+from ..errors import (Draining, M2FPError, ModelUnavailable, NotFound, NotLoaded, QueueFull, ResultNotReady,
+                      StoreUnavailable)
+from .executor import InProcessExecutor
 from .task import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskStatus, content_key,
                            new_task_id)
-from .store import MemoryStore, StoreUnavailable, TaskStore
+from .store import MemoryStore, TaskStore
 from ..metrics import Metrics
 from ..settings import Settings
 from .memory_plan import MB, MemoryPlan
@@ -30,10 +31,6 @@ from .memory_plan import MB, MemoryPlan
 log = logging.getLogger("m2fp.service")
 
 SWEEP_INTERVAL_S = 30
-
-
-class NotLoaded(M2FPError):
-    code, status = "not_ready", 503
 
 
 @dataclass(frozen=True)
@@ -210,7 +207,7 @@ class Service:
     def output(self, task_id: str, owner: str | None, name: str) -> bytes:
         work = self.task(task_id, owner).work
         if work.status is not TaskStatus.succeeded:
-            raise NotReady(f"The task is {work.status.value}; results exist once it has succeeded.")
+            raise ResultNotReady(f"The task is {work.status.value}; results exist once it has succeeded.")
         if name not in work.options.outputs:
             raise NotFound(f"`{name}` was not requested for this task.")
         data = self.store.get_output(work.id, name)
