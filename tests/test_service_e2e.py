@@ -136,7 +136,7 @@ def test_unknown_and_unfinished_tasks(server):
     assert server.client.delete("/v1/tasks/nope").status_code == 404
     task = server.submit(big_jpeg(seed=16), outputs="mask").json()
     r = server.client.get(f"/v1/tasks/{task['id']}/mask.png")
-    assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready"
+    assert r.status_code == 409 and r.json()["error"]["code"] == "result_not_ready"
     server.client.delete(f"/v1/tasks/{task['id']}")
 
 

@@ -47,7 +47,7 @@ class NotFound(M2FPError):
 class ResultNotReady(M2FPError):
     """An output was asked for before its task succeeded."""
 
-    code, status = "not_ready", 409
+    code, status = "result_not_ready", 409
 
 
 class PayloadTooLarge(M2FPError):
