@@ -1,4 +1,4 @@
-"""Palettes, colourised maps, overlays, legends and fast PNG encoding.
+"""Palettes, colourised maps, overlays and fast PNG encoding.
 
 Everything is a lookup table or a whole-array operation: nothing loops over masks or
 pixels in Python.
@@ -119,15 +119,3 @@ def overlay_png(result: ParseResult, photo: Image.Image, alpha: float) -> bytes:
         blended = overlay(band, result.class_map[top:bottom], colours, alpha)
         canvas.paste(Image.fromarray(blended), (0, top))
     return encode_png(canvas)
-
-
-def legend(result: ParseResult) -> list[dict]:
-    """Classes present in the map with their colour and share of the photo's area."""
-    colours = palette(result.class_names)
-    counts = np.bincount(result.class_map.ravel(), minlength=len(result.class_names))
-    total = result.class_map.size
-    return [
-        {"id": int(c), "name": result.class_names[c], "color": colours[c].tolist(),
-         "area": int(counts[c]), "area_ratio": float(counts[c]) / total}
-        for c in np.flatnonzero(counts) if c != 0
-    ]

@@ -15,8 +15,9 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import render
 from ..errors import BadRequest
-from ..tasks.task import OUTPUT_FILES, OUTPUT_NAMES, Holding, TaskOptions
-from .schemas import ErrorBody, Health, Label, ModelInfoOut, Task, TaskList
+from ..outputs import OUTPUT_NAMES, OUTPUTS, Output
+from ..tasks.task import Holding, TaskOptions
+from .schemas import ErrorBody, Health, Label, ModelInfoOut, OutputOut, Task, TaskList
 from ..tasks.service import MB, BatchOutcome, Service
 
 MAX_WAIT_S = 60.0
@@ -25,8 +26,6 @@ EVENT_POLL_INTERVAL_S = 0.1
 # OpenAPI 3.1 marks uploads with contentMediaType only; generators (openapi-python-client
 # among them) recognise a file by `format: binary`, so say both
 BINARY = {"format": "binary"}
-PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-       "description": "PNG image"}
 
 # a batch answered 202 although some items found no room: how many, and when to resubmit them
 CAPACITY_REFUSED = "Capacity-Refused"
@@ -189,37 +188,32 @@ async def task_events(request: Request, task_id: str):
     return EventSourceResponse(events(), ping=15)
 
 
-def _output(request: Request, task_id: str, name: str, media_type: str) -> Response:
-    data = service_of(request).output(task_id, owner_of(request), name)
-    filename = OUTPUT_FILES[name]
-    return Response(data, media_type=media_type,
-                    headers={"Content-Disposition": f'inline; filename="{task_id}.{filename}"',
-                             "Cache-Control": "private, max-age=3600"})
+def _file_response(output: Output) -> dict:
+    """An image is declared binary (generators give it a file type); JSON as it is."""
+    if output.media_type.startswith("image/"):
+        return {"content": {output.media_type: {"schema": {"type": "string", "format": "binary"}}},
+                "description": f"{output.media_type.removeprefix('image/').upper()} image"}
+    return {"content": {output.media_type: {}}}
 
 
-@v1.get("/tasks/{task_id}/mask.png", tags=["tasks"], operation_id="getMask", response_class=Response,
-        summary="Colourised part map at the photo's size", responses={200: PNG, **errors(404, 409)})
-async def get_mask(request: Request, task_id: str):
-    return _output(request, task_id, "mask", "image/png")
+def _output_route(output: Output) -> None:
+    """A typed route of its own for each output, so generated SDKs have a method for
+    each (getMask, getOverlay, ...)."""
+
+    async def get_output(request: Request, task_id: str):
+        data = service_of(request).output(task_id, owner_of(request), output.name)
+        return Response(data, media_type=output.media_type,
+                        headers={"Content-Disposition": f'inline; filename="{task_id}.{output.file_name}"',
+                                 "Cache-Control": "private, max-age=3600"})
+
+    v1.add_api_route(f"/tasks/{{task_id}}/{output.file_name}", get_output, methods=["GET"], tags=["tasks"],
+                     operation_id=f"get{output.name.title()}", name=f"get_{output.name}",
+                     response_class=Response, summary=output.title,
+                     responses={200: _file_response(output), **errors(404, 409)})
 
 
-@v1.get("/tasks/{task_id}/overlay.png", tags=["tasks"], operation_id="getOverlay", response_class=Response,
-        summary="Part map blended over the photo", responses={200: PNG, **errors(404, 409)})
-async def get_overlay(request: Request, task_id: str):
-    return _output(request, task_id, "overlay", "image/png")
-
-
-@v1.get("/tasks/{task_id}/labels.png", tags=["tasks"], operation_id="getLabels", response_class=Response,
-        summary="One channel, pixel value = class id", responses={200: PNG, **errors(404, 409)})
-async def get_labels_png(request: Request, task_id: str):
-    return _output(request, task_id, "labels", "image/png")
-
-
-@v1.get("/tasks/{task_id}/parts.json", tags=["tasks"], operation_id="getParts", response_class=Response,
-        summary="The ParseResult as a file",
-        responses={200: {"content": {"application/json": {}}}, **errors(404, 409)})
-async def get_parts(request: Request, task_id: str):
-    return _output(request, task_id, "parts", "application/json")
+for _each in OUTPUTS:
+    _output_route(_each)
 
 
 @v1.delete("/tasks/{task_id}", tags=["tasks"], operation_id="deleteTask", status_code=204, response_class=Response,
@@ -252,7 +246,8 @@ async def get_model(request: Request) -> ModelInfoOut:
                         slots=service.executor.slots, rss_bytes=psutil.Process().memory_info().rss,
                         memory_budget_bytes=service.settings.memory_budget_mb * MB,
                         max_upload_bytes=int(service.settings.max_upload_mb * MB),
-                        max_pixels=service.settings.max_pixels)
+                        max_pixels=service.settings.max_pixels,
+                        outputs=[OutputOut.of(output) for output in OUTPUTS])
 
 
 @ops.get("/healthz", tags=["service"], operation_id="health", response_model=Health, summary="Alive")
