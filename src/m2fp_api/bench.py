@@ -86,9 +86,11 @@ def _load(model: str, backend: str, compile: bool, sizes: list[tuple[int, int]])
     from .engine import HumanParser
     from .engine.compiled import padded
     from .engine.preprocess import network_size
+    from .settings import Settings
 
-    parser = HumanParser.from_pretrained(model, backend=backend, compile=compile,
-                                         allow_download=False)
+    # a command, like `m2fp parse`: the M2FP_ settings apply (cache directory, threads...)
+    parser = HumanParser.from_settings(Settings(model=model, backend=backend, compile=compile,
+                                                allow_download=False))
     if parser.compiler is not None:
         parser.compiler.sizes = list(dict.fromkeys(
             tuple(padded(n) for n in network_size(w, h, parser.config)) for w, h in sizes))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .outputs import OUTPUT_NAMES
-from .settings import BACKENDS
+from .engine.backends import BACKENDS
 
 
 def _parser_from_args(args, **overrides):
