@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PARITY
-from server import Server, jpeg
+from server import Server
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -229,8 +229,7 @@ async def delete_task(request: Request, task_id: str):
         summary="Classes of the loaded model with their colours", responses=errors(503))
 async def list_labels(request: Request) -> list[Label]:
     names = service_of(request).require_ready().config.part_classes
-    colours = render.palette(names)
-    return [Label(id=i, name=n, color=colours[i].tolist()) for i, n in enumerate(names)]
+    return [Label(id=i, name=n, color=render.PALETTE[i].tolist()) for i, n in enumerate(names)]
 
 
 @v1.get("/model", tags=["service"], operation_id="getModel", response_model=ModelInfoOut,
