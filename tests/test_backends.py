@@ -157,7 +157,7 @@ def test_compiled_heads_equal_eager_and_never_block(tmp_path, compile):
     parser = HumanParser.from_pretrained(PARITY / "tiny-multiple", allow_download=False,
                                          compile=compile, cache_dir=tmp_path)
     if not compile:
-        assert parser.compiler is None and parser.network.head_runner is None
+        assert parser.compiler is None and parser.network.variant.heads is None
         return
     compiler = parser.compiler
     compiler.sizes = [(640, 864)]  # one size keeps the test short; the list is tested above
@@ -202,3 +202,32 @@ def test_single_human_models_compile_their_one_input_size():
     cfg = M2FPConfig.from_model_section(configuration("tiny-single")["model"])
     (size,) = input_sizes(cfg)
     assert size[0] % 32 == 0 and size[1] % 32 == 0
+
+
+def test_one_call_sets_the_inference_variant_in_every_module():
+    from conftest import configuration
+    from m2fp_api.model import M2FP, InferenceVariant, M2FPConfig
+    from m2fp_api.model.deform_attn import MSDeformAttn, gather_and_weight, sample_and_weight
+    from m2fp_api.model.pixel_decoder import EncoderLayer
+
+    network = M2FP(M2FPConfig.from_model_section(configuration("tiny-multiple")["model"]))
+    attention = [m for m in network.modules() if isinstance(m, MSDeformAttn)]
+    layers = [m for m in network.modules() if isinstance(m, EncoderLayer)]
+    assert attention and layers
+
+    def conv_weight():  # a 3x3 convolution's: its layout tells channels-last from NCHW
+        return next(p for p in network.backbone.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+
+    network.configure(InferenceVariant(gathered_sampling=False, level_masks=True, channels_last=True,
+                                       chunked=False))
+    assert all(m.sample is sample_and_weight and m.query_chunk is None for m in attention)
+    assert all(m.ffn_chunk is None for m in layers)
+    assert network.sem_seg_head.predictor.resize_features_first
+    assert conv_weight().is_contiguous(memory_format=torch.channels_last) and not conv_weight().is_contiguous()
+
+    network.configure(InferenceVariant())  # a freshly built network's
+    assert all(m.sample is gather_and_weight and m.query_chunk for m in attention)
+    assert all(m.ffn_chunk for m in layers) and not network.sem_seg_head.predictor.resize_features_first
+    assert conv_weight().is_contiguous()
+    with pytest.raises(ValueError, match="float16"):
+        InferenceVariant(dtype=torch.float16)

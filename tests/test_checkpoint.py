@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import subprocess
@@ -14,10 +15,10 @@ import torch
 
 from conftest import PARITY
 from m2fp_api import HumanParser
-from m2fp_api.engine.checkpoint import WEIGHTS_FILE, load_network, resolve_model
+from m2fp_api.engine.checkpoint import HUB_MULTIPLE, HUB_SINGLE, WEIGHTS_FILE, load_network, resolve_model
 from m2fp_api.engine.stand_in import bundled_configuration, make_stand_in
 from m2fp_api.errors import ModelUnavailable
-from m2fp_api.settings import HUB_MULTIPLE, HUB_SINGLE
+from m2fp_api.settings import Settings
 
 
 HINTS = ("M2FP_MODEL=/path/to/dir", "M2FP_MODEL=demo", "m2fp download", "configuration.json")
@@ -116,6 +117,33 @@ def test_training_only_keys_are_ignored(tmp_path):
     model_dir = _copy_with_edited_state(
         tmp_path, "trained", lambda state: state.update({"criterion.empty_weight": torch.ones(21)}))
     load_network(resolve_model(model_dir, cache_dir=tmp_path))
+
+
+def test_the_library_reads_no_environment(tmp_path, monkeypatch):
+    """M2FP_* configure the service and the command line; a library call takes its options
+    as arguments only. The service's settings reach it through from_settings."""
+    for name, value in {"MODEL": "demo", "BACKEND": "reference", "MAX_PIXELS": "1234", "MIN_SIDE": "99",
+                        "JPEG_DRAFT": "false", "POSTPROCESS_CHUNK_MB": "1", "ALLOW_DOWNLOAD": "false",
+                        "CACHE_DIR": str(tmp_path / "elsewhere")}.items():
+        monkeypatch.setenv(f"M2FP_{name}", value)
+    parser = HumanParser.from_pretrained(PARITY / "tiny-single")
+    assert parser.source.id == "tiny-single" and parser.backend.level == "exact"
+    assert (parser.limits.max_pixels, parser.limits.min_side) == (24_000_000, 8)
+    assert parser.jpeg_draft is True and parser.chunk_bytes == 32 * 2**20
+    with pytest.raises(ValueError, match="backend"):
+        HumanParser.from_pretrained(PARITY / "tiny-single", backend="fastest")
+
+    monkeypatch.setenv("M2FP_MODEL", str(PARITY / "tiny-single"))
+    served = HumanParser.from_settings(Settings())
+    assert served.backend.level == "reference" and served.limits.max_pixels == 1234
+    assert served.jpeg_draft is False and served.chunk_bytes == 2**20
+
+
+def test_the_library_defaults_are_the_settings_defaults():
+    """One set of defaults: a library call and an unconfigured service parse alike."""
+    fields = Settings.model_fields
+    for name, option in inspect.signature(HumanParser.from_pretrained).parameters.items():
+        assert option.default == fields["model_revision" if name == "revision" else name].default, name
 
 
 def test_demo_stand_in_is_generated_once_and_says_so(tmp_path):

@@ -30,8 +30,8 @@ TASK = """
 import json, re, sys
 from m2fp_api.engine import HumanParser
 from m2fp_api.engine.memory import release_free_memory
+from m2fp_api.outputs import render_outputs
 from m2fp_api.tasks.task import TaskOptions
-from m2fp_api.tasks.run import model_ref, render_outputs
 
 
 def status(field):
@@ -47,7 +47,8 @@ with open("/proc/self/clear_refs", "w") as f:
 idle = status("VmRSS")
 decoded = parser.decode(payload)
 result = parser.parse(decoded)
-render_outputs(result, decoded.image, TaskOptions(), model_ref(parser))
+options = TaskOptions()
+render_outputs(result, decoded.image, options.outputs, options.overlay_alpha, parser.info)
 print(json.dumps({"work": status("VmHWM") - idle}))
 """
 

@@ -13,13 +13,12 @@ import pytest
 
 from photos import jpeg
 
-from m2fp_api.errors import ImageTooSmall, NotFound, NotReady, UnsupportedMediaType
+from m2fp_api.errors import (Draining, ImageTooSmall, NotFound, NotLoaded, QueueFull, ResultNotReady, StoreUnavailable,
+                             UnsupportedMediaType)
 from m2fp_api.settings import Settings
-from m2fp_api.tasks.executor import Draining, NotLoaded, QueueFull
 from m2fp_api.tasks.model_card import ModelCard
 from m2fp_api.tasks.run import run_task
 from m2fp_api.tasks.service import Service
-from m2fp_api.tasks.store import StoreUnavailable
 from m2fp_api.tasks.task import Holding, Refusal, TaskOptions, TaskStatus
 
 PHOTO = jpeg(96, 64, seed=1)
@@ -119,9 +118,9 @@ def test_a_submission_is_queued_and_its_callers_alone(core):
 
 def test_outputs_exist_once_the_task_has_succeeded(core):
     held = core.submit(PHOTO, OPTIONS, None)
-    with pytest.raises(NotReady) as not_ready:
+    with pytest.raises(ResultNotReady) as not_ready:
         core.output(held.handle.id, None, "mask")
-    assert not_ready.value.status == 409
+    assert (not_ready.value.status, not_ready.value.code) == (409, "result_not_ready")
     core.executor.run_next()
     done = core.get(held.handle.id, None).work
     assert done.status is TaskStatus.succeeded and core.view(core.get(held.handle.id, None)).queue_position is None

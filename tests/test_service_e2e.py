@@ -57,6 +57,10 @@ def test_submit_poll_fetch_every_output(server):
     parts = server.client.get(done["links"]["parts"])
     assert parts.headers["content-type"] == "application/json"
     assert parts.json() == {**result, "timings_ms": parts.json()["timings_ms"]}
+    # /v1/model lists the outputs the links lead to, with their media types
+    for output in server.client.get("/v1/model").json()["outputs"]:
+        assert done["links"][output["name"]].endswith("/" + output["file_name"])
+        assert server.client.get(done["links"][output["name"]]).headers["content-type"] == output["media_type"]
     # the colours of the mask are the labels' colours from /v1/labels
     colours = {l["id"]: tuple(l["color"]) for l in server.client.get("/v1/labels").json()}
     rgb = np.asarray(_png(mask.content).convert("RGB"))
@@ -120,7 +124,7 @@ def test_unknown_and_unfinished_tasks(server):
     assert server.client.delete("/v1/tasks/nope").status_code == 404
     task = server.submit(big_jpeg(seed=16), outputs="mask").json()
     r = server.client.get(f"/v1/tasks/{task['id']}/mask.png")
-    assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready"
+    assert r.status_code == 409 and r.json()["error"]["code"] == "result_not_ready"
     server.client.delete(f"/v1/tasks/{task['id']}")
 
 
@@ -138,6 +142,8 @@ def test_service_endpoints(server):
     assert model["pretrained"] is False and model["backend"] == "torch-fp32"
     assert model["dtype"] == "float32" and model["threads"] >= 1 and model["slots"] >= 1
     assert 0 < model["rss_bytes"] < model["memory_budget_bytes"]
+    assert [o["name"] for o in model["outputs"]] == ["mask", "overlay", "labels", "parts"]
+    assert all(o["title"] for o in model["outputs"])
     labels = server.client.get("/v1/labels").json()
     assert labels[0]["name"] == "Background" and len(labels) == 20
     metrics = server.client.get("/metrics").text

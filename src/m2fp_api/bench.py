@@ -37,10 +37,9 @@ if TYPE_CHECKING:
 
 BENCH_SEED = 1234
 # ModelScope's own pipeline on this kind of machine (2-core Zen 5), from BASELINE.md:
-# size -> (latency p50 in s, peak RSS in GB); idle RSS with the model loaded: 1.17 GB.
-# Used only when the peer is not set up to measure it in the same run.
-BASELINE = {"512x512": (2.58, 2.10), "960x540": (4.95, 3.02), "1920x1080": (10.8, 6.57)}
-BASELINE_IDLE_GB = 1.17
+# size -> latency p50 in s. Used only when the peer is not set up to measure it in the
+# same run.
+BASELINE_S = {"512x512": 2.58, "960x540": 4.95, "1920x1080": 10.8}
 GB = 1e9
 ROOT = Path(__file__).resolve().parents[2]
 ORACLE_DIR = ROOT / "tests" / "fixtures" / "oracle"
@@ -86,9 +85,11 @@ def _load(model: str, backend: str, compile: bool, sizes: list[tuple[int, int]])
     from .engine import HumanParser
     from .engine.compiled import padded
     from .engine.preprocess import network_size
+    from .settings import Settings
 
-    parser = HumanParser.from_pretrained(model, backend=backend, compile=compile,
-                                         allow_download=False)
+    # a command, like `m2fp parse`: the M2FP_ settings apply (cache directory, threads...)
+    parser = HumanParser.from_settings(Settings(model=model, backend=backend, compile=compile,
+                                                allow_download=False))
     if parser.compiler is not None:
         parser.compiler.sizes = list(dict.fromkeys(
             tuple(padded(n) for n in network_size(w, h, parser.config)) for w, h in sizes))
@@ -237,9 +238,8 @@ def main(args) -> int:
             if name in peer_rows:
                 row["latency_vs_modelscope"] = row["total_ms"]["p50"] / peer_rows[name]["total_ms"]["p50"]
                 row["peak_rss_vs_modelscope"] = row["peak_rss"] / peer_rows[name]["peak_rss"]
-            elif name in BASELINE:
-                base_s, base_gb = BASELINE[name]
-                row["latency_vs_baseline_md"] = row["total_ms"]["p50"] / 1000 / base_s
+            elif name in BASELINE_S:
+                row["latency_vs_baseline_md"] = row["total_ms"]["p50"] / 1000 / BASELINE_S[name]
             reference = next((r for r in rows if r["requested_backend"] == "reference"
                               and r["size"] == name), None)
             if reference is not None and backend != "reference":

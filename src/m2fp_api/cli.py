@@ -8,9 +8,8 @@ import platform
 import sys
 from pathlib import Path
 
-from .settings import BACKENDS
-
-OUTPUTS = ("mask", "overlay", "labels", "parts")
+from .outputs import OUTPUT_NAMES
+from .engine.backends import BACKENDS
 
 
 def _parser_from_args(args, **overrides):
@@ -25,32 +24,24 @@ def _parser_from_args(args, **overrides):
     return HumanParser.from_settings(Settings(compile=False, **overrides))
 
 
-def _model_ref(parser):
-    from .result_json import ModelRef
-
-    info = parser.info
-    return ModelRef(id=info.id, pretrained=info.pretrained, backend=info.backend)
-
-
 def cmd_parse(args) -> int:
     from tqdm import tqdm
 
-    from . import render
     from .errors import M2FPError
-    from .result_json import ParseResultOut
+    from .outputs import output_named, render_outputs
 
     parser = _parser_from_args(args)
     if not parser.info.pretrained:
         print(f"note: model {parser.info.id!r} is a stand-in with random weights "
               f"(pretrained: false); its output is not a real parse.", file=sys.stderr)
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
-    unknown = set(outputs) - set(OUTPUTS)
+    unknown = set(outputs) - set(OUTPUT_NAMES)
     if unknown:
-        print(f"error: unknown outputs {sorted(unknown)}; choose from {','.join(OUTPUTS)}", file=sys.stderr)
+        print(f"error: unknown outputs {sorted(unknown)}; choose from {','.join(OUTPUT_NAMES)}",
+              file=sys.stderr)
         return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ref = _model_ref(parser)
     failures = 0
     for photo in tqdm(args.photos, unit="photo", disable=len(args.photos) < 2 or args.quiet):
         try:
@@ -62,16 +53,9 @@ def cmd_parse(args) -> int:
                        file=sys.stderr)
             continue
         stem = out_dir / Path(photo).stem
-        if "mask" in outputs:
-            Path(f"{stem}.mask.png").write_bytes(render.mask_png(result))
-        if "overlay" in outputs:
-            Path(f"{stem}.overlay.png").write_bytes(render.overlay_png(result, decoded.image, args.alpha))
-        if "labels" in outputs:
-            Path(f"{stem}.labels.png").write_bytes(render.labels_png(result))
-        if "parts" in outputs:
-            doc = ParseResultOut.build(result, ref).model_dump()
-            doc["legend"] = render.legend(result)
-            Path(f"{stem}.parts.json").write_text(json.dumps(doc, indent=2))
+        files, _ = render_outputs(result, decoded.image, outputs, args.alpha, parser.info)
+        for name, data in files.items():
+            Path(f"{stem}.{output_named(name).file_name}").write_bytes(data)
         if not args.quiet and len(args.photos) < 2:
             print(f"{photo}: {len(result.parts)} parts, {len(result.persons)} persons -> {stem}.*")
     return 1 if failures else 0
@@ -161,7 +145,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="output directory (default: ./out)")
     p.add_argument("--model", help="hub id, model directory or 'demo' (default: M2FP_MODEL)")
     p.add_argument("--backend", choices=BACKENDS)
-    p.add_argument("--outputs", default=",".join(OUTPUTS), help="comma list of " + ",".join(OUTPUTS))
+    p.add_argument("--outputs", default=",".join(OUTPUT_NAMES), help="comma list of " + ",".join(OUTPUT_NAMES))
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_parse)

@@ -1,20 +1,39 @@
-"""Typed errors with a stable machine-readable `code` and the HTTP status it maps to.
+"""Every error the library and the service answer with, each with a stable
+machine-readable `code` and the HTTP status it maps to (api/usage.md documents them).
 
-Raised by the engine and the service alike; the API turns them into
-`{"error": {"code", "message"}}`. Messages are written for the caller: they never
-carry a path, a traceback or a library name.
+Messages are written for the caller: they never carry a path, a traceback or a library
+name. The HTTP layer answers any of these as `{"error": {"code", "message"}}`, with
+`Retry-After` when `retry_after_s` is set.
+
+Two families:
+- `M2FPError`: this photo, request or task cannot be served as asked (bad input, no
+  room, no model). Raised by the engine and the service; a batch fails the one item, a
+  task fails with the code.
+- the others: the infrastructure's and the transport's. They answer the whole request
+  and are never a task's or a batch item's outcome: the task store away, and what the
+  HTTP layer answers on its own around the routes (keys, heads, bodies, connections).
 """
 
 from __future__ import annotations
 
 
-class M2FPError(Exception):
+class CodedError(Exception):
     code = "internal_error"
     status = 500
+    # when the caller may try again, in seconds (sent as Retry-After); None: not said
+    retry_after_s: int | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+
+# --- this request, photo or task ----------------------------------------------------------
+
+class M2FPError(CodedError):
+    """The photo, the request or the service's state refuses this piece of work."""
 
 
 class BadRequest(M2FPError):
@@ -25,10 +44,10 @@ class NotFound(M2FPError):
     code, status = "not_found", 404
 
 
-class NotReady(M2FPError):
-    """A result was asked for before the task succeeded."""
+class ResultNotReady(M2FPError):
+    """An output was asked for before its task succeeded."""
 
-    code, status = "not_ready", 409
+    code, status = "result_not_ready", 409
 
 
 class PayloadTooLarge(M2FPError):
@@ -55,3 +74,79 @@ class ModelUnavailable(M2FPError):
     """No weights could be found or fetched; the message says how to provide them."""
 
     code, status = "model_unavailable", 503
+
+
+class QueueFull(M2FPError):
+    """No queue place; `retry_after_s` says when one is likely free for this caller."""
+
+    code, status = "queue_full", 503
+
+
+class NotLoaded(M2FPError):
+    """The model is still loading, or (cluster mode) no worker has registered yet."""
+
+    code, status = "not_ready", 503
+
+
+class Draining(M2FPError):
+    """The service is shutting down and takes no new work."""
+
+    code, status = "not_ready", 503
+
+
+# --- the infrastructure's and the transport's ------------------------------------------
+
+class StoreUnavailable(CodedError):
+    """The task store (Redis) is unreachable, loading, or refuses writes. Not an
+    M2FPError: the caller's request is fine and is answered 503 whole, never stored as a
+    task's or a batch item's failure."""
+
+    code, status = "store_unavailable", 503
+    retry_after_s = 2
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("The task store is unreachable; retry shortly.")
+        self.reason = reason  # for the log, not for the caller
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.reason})"
+
+
+class Unauthorized(CodedError):
+    code, status = "unauthorized", 401
+
+
+class MethodNotAllowed(CodedError):
+    code, status = "method_not_allowed", 405
+
+
+class RequestTimeout(CodedError):
+    """The head or the body arrived too slowly, or stalled while others needed its room."""
+
+    code, status = "request_timeout", 408
+
+
+class HeadersTooLarge(CodedError):
+    code, status = "headers_too_large", 431
+
+
+class UploadsBusy(CodedError):
+    """The bodies arriving already hold the upload budget."""
+
+    code, status = "uploads_busy", 503
+
+
+class TooManyConnections(CodedError):
+    code, status = "too_many_connections", 503
+
+
+# the codes of the statuses a framework HTTPException may carry (routing, static files,
+# form parsing)
+FRAMEWORK_CODES = {error.status: error.code for error in (
+    BadRequest, Unauthorized, NotFound, MethodNotAllowed, ResultNotReady, PayloadTooLarge,
+    UnsupportedMediaType, NotLoaded)}
+
+
+def framework_code(status: int) -> str:
+    """The code a framework HTTPException with this status is answered with."""
+    return FRAMEWORK_CODES.get(status, "error")

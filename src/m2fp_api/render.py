@@ -1,4 +1,4 @@
-"""Palettes, colourised maps, overlays, legends and fast PNG encoding.
+"""Palettes, colourised maps, overlays and fast PNG encoding.
 
 Everything is a lookup table or a whole-array operation: nothing loops over masks or
 pixels in Python.
@@ -27,12 +27,7 @@ def label_set(class_names: tuple[str, ...]) -> str:
     return "custom"
 
 
-def palette(class_names: tuple[str, ...]) -> np.ndarray:
-    """(256, 3) uint8 colours by class id; 0 (background) is black.
-
-    CIHP and LIP share the colour scheme their benchmarks visualise with (the
-    PASCAL-VOC bit-interleaved map), so a class keeps its colour across the two sets.
-    """
+def _voc_palette() -> np.ndarray:
     ids = np.arange(256)
     colours = np.zeros((256, 3), dtype=np.int64)
     code = ids.copy()
@@ -40,12 +35,15 @@ def palette(class_names: tuple[str, ...]) -> np.ndarray:
         for channel in range(3):
             colours[:, channel] |= ((code >> channel) & 1) << shift
         code >>= 3
-    return colours.astype(np.uint8)
+    colours = colours.astype(np.uint8)
+    colours.flags.writeable = False
+    return colours
 
 
-def colorize(class_map: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    """(H, W) class ids -> (H, W, 3) colours."""
-    return colours[class_map]
+# (256, 3) uint8 colours by class id, for every label set; 0 (background) is black. CIHP
+# and LIP share the colour scheme their benchmarks visualise with (the PASCAL-VOC
+# bit-interleaved map), so a class keeps its colour across the two sets.
+PALETTE = _voc_palette()
 
 
 # pixels blended at once: bounds the 16-bit temporaries to a few MB whatever the photo's
@@ -91,7 +89,7 @@ def encode_png(pixels: np.ndarray | Image.Image, colours: np.ndarray | None = No
 
 def mask_png(result: ParseResult) -> bytes:
     """The colourised part map as a palette PNG at the photo's size."""
-    return encode_png(result.class_map, palette(result.class_names))
+    return encode_png(result.class_map, PALETTE)
 
 
 def labels_png(result: ParseResult) -> bytes:
@@ -110,24 +108,11 @@ def overlay_png(result: ParseResult, photo: Image.Image, alpha: float) -> bytes:
     canvas = photo.resize(size, Image.BILINEAR) if photo.size != size else photo.copy()
     if canvas.mode != "RGB":
         canvas = canvas.convert("RGB")
-    colours = palette(result.class_names)
     width, height = size
     rows = bands(height, width)
     for top in rows:
         bottom = min(height, top + rows.step)
         band = np.asarray(canvas.crop((0, top, width, bottom)))
-        blended = overlay(band, result.class_map[top:bottom], colours, alpha)
+        blended = overlay(band, result.class_map[top:bottom], PALETTE, alpha)
         canvas.paste(Image.fromarray(blended), (0, top))
     return encode_png(canvas)
-
-
-def legend(result: ParseResult) -> list[dict]:
-    """Classes present in the map with their colour and share of the photo's area."""
-    colours = palette(result.class_names)
-    counts = np.bincount(result.class_map.ravel(), minlength=len(result.class_names))
-    total = result.class_map.size
-    return [
-        {"id": int(c), "name": result.class_names[c], "color": colours[c].tolist(),
-         "area": int(counts[c]), "area_ratio": float(counts[c]) / total}
-        for c in np.flatnonzero(counts) if c != 0
-    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from .engine import ModelInfo
 from .engine.result import ParseResult
 
 
@@ -16,6 +17,10 @@ class ModelRef(BaseModel):
     id: str
     pretrained: bool = Field(description="false for a stand-in with random weights")
     backend: str
+
+    @classmethod
+    def of(cls, info: ModelInfo) -> "ModelRef":
+        return cls(id=info.id, pretrained=info.pretrained, backend=info.backend)
 
 
 class PartOut(BaseModel):

@@ -1,5 +1,8 @@
-"""The one settings object. Every field is an `M2FP_`-prefixed environment variable
-(e.g. `M2FP_MODEL`, `M2FP_MAX_PIXELS`); the README's configuration table lists them."""
+"""The one settings object of the service and the command line. Every field is an
+`M2FP_`-prefixed environment variable (e.g. `M2FP_MODEL`, `M2FP_MAX_PIXELS`); the README's
+configuration table lists them. The library reads none of them: the engine's options
+(model to jpeg_draft) are `HumanParser.from_pretrained`'s arguments, with the same
+defaults, and `HumanParser.from_settings` maps these onto them."""
 
 from __future__ import annotations
 
@@ -10,10 +13,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-HUB_MULTIPLE = "damo/cv_resnet101_image-multiple-human-parsing"
-HUB_SINGLE = "damo/cv_resnet101_image-single-human-parsing"
-# what M2FP_BACKEND / `--backend` may name (engine.backends says what each one is)
-BACKENDS = ("exact", "fast", "reference", "onnxruntime")
+from .engine.backends import BACKENDS
+from .engine.checkpoint import HUB_MULTIPLE
 
 
 class Settings(BaseSettings):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..errors import Unauthorized
 from .limits import has_body, send_error
 
 OWNER_HEX_CHARS = 16
@@ -84,9 +85,9 @@ class Authenticate:
         owner = self.keys.owner(presented_key(scope)) if self.keys else None
         scope.setdefault("state", {})["owner"] = owner
         if self.keys and owner is None and scope["path"] not in self.open_paths:
-            await send_error(send, 401, "unauthorized",
-                             "A valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY).",
-                             {"www-authenticate": "Bearer"}, close=has_body(scope))
+            await send_error(send, Unauthorized(
+                "A valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)."),
+                {"www-authenticate": "Bearer"}, close=has_body(scope))
             return
         await self.app(scope, receive, send)
 

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.memory import release_free_memory
+from ..errors import CodedError, HeadersTooLarge, PayloadTooLarge, RequestTimeout, UploadsBusy
 
 # A client that has kept the server waiting this long is dropped when others need its
 # room (upload budget, connections); an honest upload does not pause this long.
@@ -43,34 +44,40 @@ RETRY_AFTER_S = (2, 8)
 # Once this many body bytes were held and returned, give the freed heap back to the OS
 # (glibc keeps it otherwise, and the RSS would stay at the stall's peak).
 TRIM_AFTER_BYTES = 32 * 2**20
-BUSY = "The server is receiving as many uploads as it can hold; retry shortly."
 # What the server may hold of a body beyond what the application has received: the
 # protocol reads 64 KB at a time, uvicorn pauses reading once 64 KB wait for the
 # application, and each piece is copied a few times on its way to the spooled file.
 READ_AHEAD_BYTES = 512 * 1024
 
 
-def retry_after() -> str:
-    return str(random.randint(*RETRY_AFTER_S))
+def spread_retry_after_s() -> int:
+    return random.randint(*RETRY_AFTER_S)
 
 
-def error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+def error_body(error: CodedError) -> bytes:
+    return json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
 
 
-async def send_error(send: Send, status: int, code: str, message: str,
-                     headers: dict[str, str] | None = None, close: bool = False) -> None:
-    body = error_body(code, message)
+async def send_error(send: Send, error: CodedError, headers: dict[str, str] | None = None,
+                     close: bool = False) -> None:
+    body = error_body(error)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if error.retry_after_s is not None:
+        raw.append((b"retry-after", str(error.retry_after_s).encode()))
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     if close:
         raw.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.start", "status": error.status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 
 
-def too_large(limit: int) -> str:
-    return f"The request body is over the limit of {limit} bytes."
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
+
+
+def uploads_busy() -> UploadsBusy:
+    return UploadsBusy("The server is receiving as many uploads as it can hold; retry shortly.",
+                       spread_retry_after_s())
 
 
 def has_body(scope: Scope) -> bool:
@@ -141,17 +148,17 @@ class RequestLimits:
         head = (len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
                 + sum(len(k) + len(v) + 4 for k, v in scope["headers"]))
         if head > self.max_header_bytes:
-            await send_error(send, 431, "headers_too_large", (
+            await send_error(send, HeadersTooLarge(
                 f"The request line and headers are over the limit of {self.max_header_bytes} bytes."),
                 close=True)
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await send_error(send, 413, "payload_too_large", too_large(self.max_body_bytes), close=True)
+            await send_error(send, too_large(self.max_body_bytes), close=True)
             return
         stream = _BodyStream(self, scope, receive, send, int(declared) if declared else None)
         if not self.budget.take(stream, stream.room_wanted()):
-            await send_error(send, 503, "uploads_busy", BUSY, {"retry-after": retry_after()}, close=True)
+            await send_error(send, uploads_busy(), close=True)
             return
         await stream.run()
 
@@ -215,7 +222,7 @@ class _BodyStream:
             async with asyncio.timeout_at(self.deadline()) as self.wait:
                 message = await self._receive()
         except TimeoutError:
-            await self.refuse(408, "request_timeout", (
+            await self.refuse(RequestTimeout(
                 "The request body stopped while others needed its room; the connection is closed."
                 if self.dropped else
                 "The request body arrived too slowly or stopped; the connection is closed."))
@@ -230,11 +237,11 @@ class _BodyStream:
         if chunk:
             self.last_data = asyncio.get_running_loop().time()
         if self.received > self.limits.max_body_bytes:
-            await self.refuse(413, "payload_too_large", too_large(self.limits.max_body_bytes))
+            await self.refuse(too_large(self.limits.max_body_bytes))
         if self.complete:
             self.budget.give_back(self)  # the body is in: its bytes are the route's now
         elif self.room_wanted() > self.held and not self.budget.take(self, self.room_wanted() - self.held):
-            await self.refuse(503, "uploads_busy", BUSY, {"retry-after": retry_after()})
+            await self.refuse(uploads_busy())
         return message
 
     async def send(self, message: Message) -> None:
@@ -246,9 +253,8 @@ class _BodyStream:
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
         await self._send(message)
 
-    async def refuse(self, status: int, code: str, message: str,
-                     headers: dict[str, str] | None = None) -> NoReturn:
+    async def refuse(self, error: CodedError) -> NoReturn:
         if not self.response_started:
-            await send_error(self._send, status, code, message, headers, close=True)
+            await send_error(self._send, error, close=True)
             self.refused = True
-        raise RequestRefused(status, message)
+        raise RequestRefused(error.status, error.message)

@@ -32,23 +32,25 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .limits import IDLE_DROP_S, error_body, retry_after, send_error
+from ..errors import BadRequest, CodedError, HeadersTooLarge, RequestTimeout, TooManyConnections
+from .limits import IDLE_DROP_S, error_body, send_error, spread_retry_after_s
 
 READ_BYTES = 64 * 1024
 
 
-def raw_error(status: int, code: str, message: str) -> bytes:
+def raw_error(error: CodedError) -> bytes:
     """A complete JSON error response, for answers given before h11 has a request."""
-    body = error_body(code, message)
+    body = error_body(error)
+    status = error.status
     head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode() + body
 
 
 async def too_many_connections(scope: Scope, receive: Receive, send: Send) -> None:
-    await send_error(send, 503, "too_many_connections",
-                     "The server has as many open connections as it serves; retry shortly.",
-                     {"retry-after": retry_after()}, close=True)
+    await send_error(send, TooManyConnections(
+        "The server has as many open connections as it serves; retry shortly.", spread_retry_after_s()),
+        close=True)
 
 
 class _Connection(h11.Connection):
@@ -115,9 +117,9 @@ class GuardedH11Protocol(H11Protocol, asyncio.BufferedProtocol):
             self.transport.close()  # malformed data while an answer is under way: only closing is left
             return
         if self.conn.error_status_hint == 431:
-            response = raw_error(431, "headers_too_large", "The request line and headers are too large.")
+            response = raw_error(HeadersTooLarge("The request line and headers are too large."))
         else:
-            response = raw_error(400, "bad_request", "The request line or headers are not valid HTTP/1.1.")
+            response = raw_error(BadRequest("The request line or headers are not valid HTTP/1.1."))
         self.transport.write(response)
         self.transport.close()
 
@@ -142,7 +144,7 @@ class GuardedH11Protocol(H11Protocol, asyncio.BufferedProtocol):
     def _close(self, reason: str) -> None:
         """Closes the connection; a client part-way through a request is told why (408)."""
         if self.head_started or self.conn.their_state is h11.SEND_BODY:
-            self.transport.write(raw_error(408, "request_timeout", reason))
+            self.transport.write(raw_error(RequestTimeout(reason)))
         self.transport.close()
 
     def _arm_header_timer(self, head_started: bool) -> None:

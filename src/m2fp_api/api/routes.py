@@ -13,18 +13,17 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import render
 from ..errors import BadRequest
+from ..outputs import OUTPUT_NAMES, OUTPUTS, Output
 from ..tasks.memory_plan import MB
-from ..tasks.service import Service, TaskView
-from ..tasks.task import OUTPUT_FILES, OUTPUT_NAMES, Holding, TaskOptions
+from ..tasks.service import TaskView
+from ..tasks.task import Holding, TaskOptions
 from .deps import OwnerDep, ServiceDep
-from .schemas import ErrorBody, Health, Label, ModelInfoOut, Task, TaskList
+from .schemas import ErrorBody, Health, Label, ModelInfoOut, OutputOut, Task, TaskList
 
 MAX_WAIT_S = 60.0
 # OpenAPI 3.1 marks uploads with contentMediaType only; generators (openapi-python-client
 # among them) recognise a file by `format: binary`, so say both
 BINARY = {"format": "binary"}
-PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-       "description": "PNG image"}
 
 # a batch answered 202 although some items found no room: how many, and when to resubmit them
 CAPACITY_REFUSED = "Capacity-Refused"
@@ -160,37 +159,32 @@ async def task_events(service: ServiceDep, owner: OwnerDep, task_id: str):
     return EventSourceResponse(events(), ping=15)
 
 
-def _output(service: Service, owner: str | None, task_id: str, name: str, media_type: str) -> Response:
-    data = service.output(task_id, owner, name)
-    filename = OUTPUT_FILES[name]
-    return Response(data, media_type=media_type,
-                    headers={"Content-Disposition": f'inline; filename="{task_id}.{filename}"',
-                             "Cache-Control": "private, max-age=3600"})
+def _file_response(output: Output) -> dict:
+    """An image is declared binary (generators give it a file type); JSON as it is."""
+    if output.media_type.startswith("image/"):
+        return {"content": {output.media_type: {"schema": {"type": "string", "format": "binary"}}},
+                "description": f"{output.media_type.removeprefix('image/').upper()} image"}
+    return {"content": {output.media_type: {}}}
 
 
-@v1.get("/tasks/{task_id}/mask.png", tags=["tasks"], operation_id="getMask", response_class=Response,
-        summary="Colourised part map at the photo's size", responses={200: PNG, **errors(404, 409)})
-async def get_mask(service: ServiceDep, owner: OwnerDep, task_id: str):
-    return _output(service, owner, task_id, "mask", "image/png")
+def _output_route(output: Output) -> None:
+    """A typed route of its own for each output, so generated SDKs have a method for
+    each (getMask, getOverlay, ...)."""
+
+    async def get_output(service: ServiceDep, owner: OwnerDep, task_id: str):
+        data = service.output(task_id, owner, output.name)
+        return Response(data, media_type=output.media_type,
+                        headers={"Content-Disposition": f'inline; filename="{task_id}.{output.file_name}"',
+                                 "Cache-Control": "private, max-age=3600"})
+
+    v1.add_api_route(f"/tasks/{{task_id}}/{output.file_name}", get_output, methods=["GET"], tags=["tasks"],
+                     operation_id=f"get{output.name.title()}", name=f"get_{output.name}",
+                     response_class=Response, summary=output.title,
+                     responses={200: _file_response(output), **errors(404, 409)})
 
 
-@v1.get("/tasks/{task_id}/overlay.png", tags=["tasks"], operation_id="getOverlay", response_class=Response,
-        summary="Part map blended over the photo", responses={200: PNG, **errors(404, 409)})
-async def get_overlay(service: ServiceDep, owner: OwnerDep, task_id: str):
-    return _output(service, owner, task_id, "overlay", "image/png")
-
-
-@v1.get("/tasks/{task_id}/labels.png", tags=["tasks"], operation_id="getLabels", response_class=Response,
-        summary="One channel, pixel value = class id", responses={200: PNG, **errors(404, 409)})
-async def get_labels_png(service: ServiceDep, owner: OwnerDep, task_id: str):
-    return _output(service, owner, task_id, "labels", "image/png")
-
-
-@v1.get("/tasks/{task_id}/parts.json", tags=["tasks"], operation_id="getParts", response_class=Response,
-        summary="The ParseResult as a file",
-        responses={200: {"content": {"application/json": {}}}, **errors(404, 409)})
-async def get_parts(service: ServiceDep, owner: OwnerDep, task_id: str):
-    return _output(service, owner, task_id, "parts", "application/json")
+for _each in OUTPUTS:
+    _output_route(_each)
 
 
 @v1.delete("/tasks/{task_id}", tags=["tasks"], operation_id="deleteTask", status_code=204, response_class=Response,
@@ -206,8 +200,7 @@ async def delete_task(service: ServiceDep, owner: OwnerDep, task_id: str):
         summary="Classes of the loaded model with their colours", responses=errors(503))
 async def list_labels(service: ServiceDep) -> list[Label]:
     names = service.require_ready().config.part_classes
-    colours = render.palette(names)
-    return [Label(id=i, name=n, color=colours[i].tolist()) for i, n in enumerate(names)]
+    return [Label(id=i, name=n, color=render.PALETTE[i].tolist()) for i, n in enumerate(names)]
 
 
 @v1.get("/model", tags=["service"], operation_id="getModel", response_model=ModelInfoOut,
@@ -222,7 +215,8 @@ async def get_model(service: ServiceDep) -> ModelInfoOut:
                         slots=service.slots, rss_bytes=psutil.Process().memory_info().rss,
                         memory_budget_bytes=service.settings.memory_budget_mb * MB,
                         max_upload_bytes=int(service.settings.max_upload_mb * MB),
-                        max_pixels=service.settings.max_pixels)
+                        max_pixels=service.settings.max_pixels,
+                        outputs=[OutputOut.of(output) for output in OUTPUTS])
 
 
 @ops.get("/healthz", tags=["service"], operation_id="health", response_model=Health, summary="Alive")

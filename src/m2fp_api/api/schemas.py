@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
-from ..tasks.task import OUTPUT_FILES, Holding, Refusal, Stage, TaskStatus
+from ..outputs import OUTPUTS, Output, output_named
 from ..result_json import ParseResultOut
+from ..tasks.task import Holding, Refusal, Stage, TaskStatus
 
 
 class ErrorDetail(BaseModel):
@@ -20,13 +21,14 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class TaskLinks(BaseModel):
+class _TaskUrls(BaseModel):
     self: str
     events: str
-    mask: str | None = None
-    overlay: str | None = None
-    labels: str | None = None
-    parts: str | None = None
+
+
+# and the URL of each output (set once the task has succeeded, for the outputs it asked for)
+TaskLinks = create_model("TaskLinks", __base__=_TaskUrls,
+                         **{output.name: (str | None, None) for output in OUTPUTS})
 
 
 class Task(BaseModel):
@@ -55,7 +57,7 @@ class Task(BaseModel):
         base = f"/v1/tasks/{handle.id}"
         links = {"self": base, "events": f"{base}/events"}
         if record.status is TaskStatus.succeeded:
-            links.update({name: f"{base}/{OUTPUT_FILES[name]}" for name in record.options.outputs})
+            links.update({name: f"{base}/{output_named(name).file_name}" for name in record.options.outputs})
         return cls(
             id=handle.id, status=record.status, stage=record.stage,
             progress=round(record.progress, 4),
@@ -94,6 +96,18 @@ class Label(BaseModel):
     color: list[int] = Field(min_length=3, max_length=3, description="[r, g, b]")
 
 
+class OutputOut(BaseModel):
+    name: str = Field(description="as in `outputs` and in a Task's `links`")
+    file_name: str = Field(description="under /v1/tasks/{id}/")
+    media_type: str
+    title: str
+
+    @classmethod
+    def of(cls, output: Output) -> "OutputOut":
+        return cls(name=output.name, file_name=output.file_name, media_type=output.media_type,
+                   title=output.title)
+
+
 class ModelInfoOut(BaseModel):
     id: str
     revision: str | None
@@ -108,6 +122,7 @@ class ModelInfoOut(BaseModel):
     memory_budget_bytes: int
     max_upload_bytes: int = Field(description="largest request body accepted")
     max_pixels: int = Field(description="largest photo accepted, in pixels")
+    outputs: list[OutputOut] = Field(description="the outputs a task can produce")
 
 
 class Health(BaseModel):

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+# what `HumanParser.from_pretrained(backend=...)`, M2FP_BACKEND and `--backend` may name
+BACKENDS = ("exact", "fast", "reference", "onnxruntime")
+
 
 @dataclass(frozen=True)
 class Backend:

@@ -20,6 +20,8 @@ import torch
 from ..errors import ModelUnavailable
 from ..model import M2FP, M2FPConfig
 
+HUB_MULTIPLE = "damo/cv_resnet101_image-multiple-human-parsing"
+HUB_SINGLE = "damo/cv_resnet101_image-single-human-parsing"
 CONFIG_FILE = "configuration.json"
 WEIGHTS_FILE = "pytorch_model.pt"
 # our marker in configuration.json for checkpoints with random weights

@@ -11,7 +11,7 @@ makes a restart's compile a matter of seconds.
 Anything that goes wrong while compiling leaves the eager heads in charge, and says so
 in the log; the results are the same either way up to float rounding (checked by the
 tests against the parity tolerances). With compilation on, the heads run unchunked
-(`optimize.whole_graph`), eager or compiled.
+(`InferenceVariant.chunked`), eager or compiled.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -27,7 +28,6 @@ import torch
 
 from ..model import M2FP, M2FPConfig
 from ..model.m2fp import SIZE_DIVISIBILITY
-from .optimize import whole_graph
 from .preprocess import LONG_SIDE_MAX, SHORT_SIDE
 
 log = logging.getLogger("m2fp.engine")
@@ -78,8 +78,7 @@ class CompiledHeads:
         self._compiled: Callable | None = None
         # one graph for every size: chunk counts that follow the input size would each
         # be a recompile (inductor's fusion keeps the unchunked temporaries in check)
-        whole_graph(network)
-        network.head_runner = self._run
+        network.configure(replace(network.variant, chunked=False, heads=self._run))
 
     # --- request path -----------------------------------------------------------------
     def _run(self, features: dict[str, torch.Tensor]):
@@ -131,9 +130,9 @@ class CompiledHeads:
         """Run the compiled heads once on backbone-shaped zeros of an input of `size`,
         in the numeric mode of requests (the dtype is part of what a graph is for)."""
         backbone = self.network.backbone
-        dtype = torch.bfloat16 if self.network.bf16 else torch.float32
+        dtype = self.network.variant.dtype
         features = {name: torch.zeros(1, backbone.channels[name], size[0] // backbone.strides[name],
                                       size[1] // backbone.strides[name], dtype=dtype)
                     for name in backbone.out_features}
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.network.bf16):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             compiled(features)

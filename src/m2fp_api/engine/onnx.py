@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,9 @@ from torch import nn
 
 from ..errors import ModelUnavailable
 from ..model import M2FP, M2FPConfig
-from ..model.deform_attn import sample_and_weight
 from ..model import m2fp
 from ..model.m2fp import SIZE_DIVISIBILITY, NetworkOutput, prepare_input
 from .checkpoint import WEIGHTS_FILE
-from .optimize import use_sampler, whole_graph
 
 log = logging.getLogger("m2fp.engine")
 OPSET = 18
@@ -48,10 +47,10 @@ class _Predict(nn.Module):
 
 def export_onnx(network: M2FP, path: Path) -> Path:
     """Write `network` (fp32, exact) as an ONNX model with a dynamic input size."""
-    if network.bf16:
+    if network.variant.dtype != torch.float32:
         raise ValueError("export an fp32 network: ONNX Runtime decides its own precision")
-    use_sampler(network, sample_and_weight)
-    whole_graph(network)
+    # grid_sample: ONNX has no embedding_bag; unchunked: one graph serves every input size
+    network.configure(replace(network.variant, gathered_sampling=False, chunked=False))
     blocks_h = torch.export.Dim("blocks_h", min=1, max=MAX_BLOCKS)
     blocks_w = torch.export.Dim("blocks_w", min=1, max=MAX_BLOCKS)
     example = torch.zeros(1, 3, *EXAMPLE_SIZE)

@@ -1,15 +1,13 @@
-"""Inference-time rewrites of a loaded network. Each keeps the arithmetic (results
-equal to float rounding, checked by the parity tests on the exact path):
+"""Inference-time rewrites of a loaded network, by optimisation level. Each keeps the
+arithmetic (results equal to float rounding, checked by the parity tests on the exact
+path):
 
 - BatchNorm folded into the preceding convolution (one op instead of two, and no
   normalisation pass over every backbone activation);
-- the backbone in channels-last layout, which oneDNN's convolutions prefer on CPU (the
-  heads stay NCHW: torch's channels-last GroupNorm on CPU loses ~1e-2 to cancellation);
-- multi-scale deformable attention through one weighted gather (`gather_and_weight`)
-  instead of `grid_sample` per level;
-- the decoder's attention masks from mask features resized to each level, instead of
-  full-resolution mask logits resized every layer (equal up to rounding: resizing is
-  linear).
+- the network's inference variant (`model.InferenceVariant`, which says what each
+  switch does): deformable attention by one weighted gather instead of `grid_sample`
+  per level, the decoder's attention masks at each level's resolution, the backbone
+  channels-last.
 
 `fast` runs the whole network under bf16 autocast: convolutions and matrix products
 in bf16, the residual streams, normalisation statistics, softmax, deformable sampling
@@ -20,13 +18,17 @@ ModelScope computes it, for same-run baselines.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from ..model import M2FP
-from ..model.deform_attn import MSDeformAttn, gather_and_weight, sample_and_weight
+from ..model import M2FP, InferenceVariant
 from ..model.layers import ConvNorm
-from ..model.pixel_decoder import EncoderLayer
+
+EXACT = InferenceVariant(gathered_sampling=True, level_masks=True, channels_last=True)
+VARIANTS = {"reference": InferenceVariant(gathered_sampling=False), "exact": EXACT,
+            "fast": replace(EXACT, dtype=torch.bfloat16)}
 
 
 def fold_batchnorm(network: nn.Module) -> int:
@@ -45,32 +47,9 @@ def fold_batchnorm(network: nn.Module) -> int:
     return folded
 
 
-def use_sampler(network: nn.Module, sampler) -> None:
-    for module in network.modules():
-        if isinstance(module, MSDeformAttn):
-            module.sample = sampler
-
-
-def whole_graph(network: nn.Module) -> None:
-    """No size-dependent chunking (of deformable-attention queries and feed-forward
-    tokens), for graphs traced once for every input size (ONNX export): the number of
-    chunks would be frozen at the traced size's. Costs memory, not results."""
-    for module in network.modules():
-        if isinstance(module, MSDeformAttn):
-            module.query_chunk = None
-        elif isinstance(module, EncoderLayer):
-            module.ffn_chunk = None
-
-
 def optimize(network: M2FP, level: str) -> M2FP:
     """`exact`: the rewrites above; `fast`: plus bf16 autocast; `reference`: none."""
-    if level == "reference":
-        use_sampler(network, sample_and_weight)
-        return network
-    fold_batchnorm(network)
-    use_sampler(network, gather_and_weight)
-    network.backbone.to(memory_format=torch.channels_last)
-    network.channels_last = True
-    network.sem_seg_head.predictor.resize_features_first = True
-    network.bf16 = level == "fast"
+    if level != "reference":
+        fold_batchnorm(network)
+    network.configure(VARIANTS[level])
     return network

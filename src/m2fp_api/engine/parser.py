@@ -10,14 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..model import M2FP, M2FPConfig
-from ..settings import HUB_MULTIPLE, Settings
-from .backends import Backend, configure_threads, select_backend
-from .checkpoint import ModelSource, load_network, resolve_model
+from .backends import BACKENDS, Backend, configure_threads, select_backend
+from .checkpoint import HUB_MULTIPLE, ModelSource, load_network, resolve_model
 from .images import DecodedImage, ImageInput, ImageLimits, decode_image
 from .memory import full_resolution_heap, release_free_memory
 from .compiled import CompiledHeads, input_sizes
@@ -26,6 +25,9 @@ from .optimize import optimize
 from .postprocess import DEFAULT_CHUNK_BYTES, parse_multiple, parse_single
 from .preprocess import DRAFT_MIN_SIDE, prepare
 from .result import ParseResult
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 # Called when a stage starts, with the stage name and the overall progress (0..1).
 # It may raise to abandon the work (the service's cancellation and time limits do).
@@ -62,30 +64,43 @@ class HumanParser:
 
     # --- construction ---------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model: str | Path = HUB_MULTIPLE, **overrides) -> "HumanParser":
-        """Load a hub id, a local model directory, or `demo`. Keyword arguments override
-        the settings of the same name (`revision`, `allow_download`, `backend`, ...).
-        Background compilation is the service's: a library call asks for it (`compile=True`)."""
-        if "revision" in overrides:
-            overrides["model_revision"] = overrides.pop("revision")
-        overrides.setdefault("compile", False)
-        return cls.from_settings(Settings(model=str(model), **overrides))
+    def from_pretrained(cls, model: str | Path = HUB_MULTIPLE, *, revision: str | None = None,
+                        allow_download: bool = True,
+                        cache_dir: str | Path = Path("~/.cache/m2fp-api").expanduser(),
+                        threads: int = 0, backend: str = "exact", compile: bool = False,
+                        max_pixels: int = 24_000_000, min_side: int = 8, postprocess_chunk_mb: int = 32,
+                        jpeg_draft: bool = True) -> "HumanParser":
+        """Load a hub id, a local model directory, or `demo`.
+
+        Reads no environment: the options are these arguments, whose defaults are the
+        service's (the README's configuration table says what each does). Background
+        compilation is the service's: a library call asks for it (`compile=True`)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        cache_dir = Path(cache_dir)
+        source = resolve_model(str(model), revision=revision, cache_dir=cache_dir,
+                               allow_download=allow_download)
+        threads = configure_threads(threads)
+        selected = select_backend(backend, threads)
+        network = optimize(load_network(source), "exact" if selected.level == "onnx" else selected.level)
+        compiler = None
+        if selected.level == "onnx":
+            network = onnx_network(network, source, cache_dir, threads)
+        elif compile and selected.level != "reference":
+            compiler = CompiledHeads(network, input_sizes(network.config), cache_dir)
+        return cls(network, source, selected, compiler=compiler,
+                   limits=ImageLimits(max_pixels=max_pixels, min_side=min_side),
+                   chunk_bytes=postprocess_chunk_mb * 2**20, jpeg_draft=jpeg_draft)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "HumanParser":
-        source = resolve_model(settings.model, revision=settings.model_revision,
-                               cache_dir=settings.cache_dir, allow_download=settings.allow_download)
-        threads = configure_threads(settings.threads)
-        backend = select_backend(settings.backend, threads)
-        network = optimize(load_network(source), "exact" if backend.level == "onnx" else backend.level)
-        compiler = None
-        if backend.level == "onnx":
-            network = onnx_network(network, source, settings.cache_dir, threads)
-        elif settings.compile and backend.level != "reference":
-            compiler = CompiledHeads(network, input_sizes(network.config), settings.cache_dir)
-        return cls(network, source, backend, compiler=compiler,
-                   limits=ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side),
-                   chunk_bytes=settings.postprocess_chunk_mb * 2**20, jpeg_draft=settings.jpeg_draft)
+        """The parser the service's settings describe: the one place they become the
+        library's options."""
+        return cls.from_pretrained(
+            settings.model, revision=settings.model_revision, allow_download=settings.allow_download,
+            cache_dir=settings.cache_dir, threads=settings.threads, backend=settings.backend,
+            compile=settings.compile, max_pixels=settings.max_pixels, min_side=settings.min_side,
+            postprocess_chunk_mb=settings.postprocess_chunk_mb, jpeg_draft=settings.jpeg_draft)
 
     # --- facts ----------------------------------------------------------------------
     @property

@@ -1,6 +1,6 @@
 """The M2FP network in plain PyTorch: no I/O, no pre- or post-processing."""
 
 from .config import M2FPConfig
-from .m2fp import M2FP, NetworkOutput
+from .m2fp import M2FP, InferenceVariant, NetworkOutput
 
-__all__ = ["M2FP", "M2FPConfig", "NetworkOutput"]
+__all__ = ["M2FP", "InferenceVariant", "M2FPConfig", "NetworkOutput"]

@@ -119,10 +119,9 @@ QUERY_CHUNK = 4096
 class MSDeformAttn(nn.Module):
     def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int) -> None:
         super().__init__()
-        # the sampling kernel; `gather_and_weight` unless a caller needs the reference's
+        # the sampling kernel and the queries sampled at once (None: all), as the network's
+        # inference variant says (M2FP.configure)
         self.sample = gather_and_weight
-        # queries sampled at once (None: all); an exported graph cannot chunk, as the
-        # number of chunks depends on the input size
         self.query_chunk: int | None = QUERY_CHUNK
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")

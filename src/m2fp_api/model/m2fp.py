@@ -15,12 +15,47 @@ from torch import nn
 
 from .backbone import DeepLabResNet
 from .config import M2FPConfig
-from .pixel_decoder import MSDeformAttnPixelDecoder
+from .deform_attn import QUERY_CHUNK, MSDeformAttn, gather_and_weight, sample_and_weight
+from .pixel_decoder import FFN_CHUNK, EncoderLayer, MSDeformAttnPixelDecoder
 from .transformer_decoder import MaskedTransformerDecoder
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 SIZE_DIVISIBILITY = 32
+# runs the heads on the backbone's features: class logits and mask logits
+HeadRunner = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class InferenceVariant:
+    """How the network computes its outputs. Every variant computes the same function,
+    up to float rounding (bfloat16: up to its precision); `M2FP.configure` applies one to
+    every module concerned at once. The defaults are a freshly built network's."""
+
+    # deformable attention as one weighted gather; False: `grid_sample` per level, as
+    # ModelScope computes it (and ONNX, which lacks the gather's embedding_bag)
+    gathered_sampling: bool = True
+    # decoder attention masks from the mask features resized to each level first (16-64x
+    # fewer pixels per layer); False: full-resolution mask logits resized every layer,
+    # as ModelScope does (equal up to rounding: resizing is linear)
+    level_masks: bool = False
+    # the backbone in channels-last layout, which oneDNN's convolutions prefer on CPU (the
+    # heads stay NCHW: torch's channels-last GroupNorm on CPU loses ~1e-2 to cancellation)
+    channels_last: bool = False
+    # bfloat16: the network under bf16 autocast (matrix products in bf16; normalisation
+    # statistics, softmax, sampling locations and the outputs stay fp32, see deform_attn)
+    dtype: torch.dtype = torch.float32
+    # deformable-attention queries and feed-forward tokens in bounded chunks (memory, not
+    # results); False for graphs made once for every input size, as the number of chunks
+    # would be frozen at one size's
+    chunked: bool = True
+    # runs the heads instead of `sem_seg_head` when set: its compiled twin
+    # (engine.compiled), which must compute the same thing
+    heads: HeadRunner | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the network runs in float32 or under bfloat16 autocast, not {self.dtype}")
 
 
 @dataclass
@@ -60,14 +95,21 @@ class M2FP(nn.Module):
         self.backbone = DeepLabResNet(cfg.backbone)
         self.sem_seg_head = Head(cfg, self.backbone.channels, self.backbone.strides)
         self.register_pixel_statistics()
-        # set by the engine's optimisations: channels-last backbone weights, and the
-        # network run under bf16 autocast (matrix products in bf16; normalisation
-        # statistics, softmax and sampling locations stay fp32, see deform_attn)
-        self.channels_last = False
-        self.bf16 = False
-        # runs the heads instead of `sem_seg_head` when set: its compiled twin
-        # (engine.compiled), which must compute the same thing
-        self.head_runner: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.variant = InferenceVariant()
+
+    def configure(self, variant: InferenceVariant) -> None:
+        """Compute as `variant` says from now on, in every module it concerns."""
+        sampler = gather_and_weight if variant.gathered_sampling else sample_and_weight
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module.sample = sampler
+                module.query_chunk = QUERY_CHUNK if variant.chunked else None
+            elif isinstance(module, EncoderLayer):
+                module.ffn_chunk = FFN_CHUNK if variant.chunked else None
+        self.sem_seg_head.predictor.resize_features_first = variant.level_masks
+        if variant.channels_last != self.variant.channels_last:
+            self.backbone.to(memory_format=torch.channels_last if variant.channels_last else torch.contiguous_format)
+        self.variant = variant
 
     def register_pixel_statistics(self) -> None:
         """Normalisation constants; not in the checkpoint (ModelScope registers them
@@ -80,13 +122,14 @@ class M2FP(nn.Module):
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class logits and mask logits of a prepared input (what ONNX exports)."""
-        if self.channels_last:
+        variant = self.variant
+        if variant.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.dtype == torch.bfloat16):
             features = self.backbone(x)
-            if self.channels_last:  # the heads want NCHW
+            if variant.channels_last:  # the heads want NCHW
                 features = {k: v.contiguous() for k, v in features.items()}
-            logits, masks = (self.head_runner or self.sem_seg_head)(features)
+            logits, masks = (variant.heads or self.sem_seg_head)(features)
         # post-processing compares probabilities across queries: in fp32
         return logits.float(), masks.float()
 

@@ -28,7 +28,7 @@ class EncoderLayer(nn.Module):
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.ffn_chunk: int | None = FFN_CHUNK  # None: all tokens at once (exported graphs)
+        self.ffn_chunk: int | None = FFN_CHUNK  # None: all tokens at once (M2FP.configure)
 
     def forward(self, src, pos, reference_points, spatial_shapes):
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))

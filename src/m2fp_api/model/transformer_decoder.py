@@ -89,8 +89,8 @@ class MaskedTransformerDecoder(nn.Module):
             for _ in range(NUM_DECODER_LEVELS))
         self.class_embed = nn.Linear(d, cfg.num_classes + 1)
         self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
-        # Attention masks from mask features resized to each level first (set by the
-        # engine's optimisations): bilinear resizing is linear, so resize(embed . F) =
+        # Attention masks from mask features resized to each level first (M2FP.configure
+        # sets it from the inference variant): bilinear resizing is linear, so resize(embed . F) =
         # embed . resize(F), and the per-layer product runs at the level's resolution
         # instead of the mask features' (16-64x fewer pixels). The reference computes
         # full-resolution mask logits every layer and resizes those.

@@ -26,15 +26,14 @@ from typing import Callable
 
 import kombu.exceptions
 
+from ..errors import Draining, NotLoaded, QueueFull, StoreUnavailable
 from ..settings import Settings
 from .celery_app import TASK_NAME, make_celery
-from .executor import Draining, NotLoaded, QueueFull
 from .model_card import ModelCard
 from .pacing import slot_interval_s
 from .redis_queue import RedisQueue
 from .redis_store import RedisStore
 from .run import ABANDON_MESSAGES, fail_task
-from .store import StoreUnavailable
 from .task import TaskOptions, TaskOutcome, TaskStatus
 
 log = logging.getLogger("m2fp.cluster")

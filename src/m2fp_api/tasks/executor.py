@@ -24,7 +24,7 @@ from typing import Callable, Protocol
 import psutil
 
 from ..engine import HumanParser
-from ..errors import M2FPError, ModelUnavailable
+from ..errors import Draining, ModelUnavailable, NotLoaded, QueueFull
 from ..settings import Settings
 from .memory_plan import MB, MemoryPlan
 from .model_card import ModelCard
@@ -36,22 +36,6 @@ from .run import ABANDON_MESSAGES, fail_task, run_task
 log = logging.getLogger("m2fp.executor")
 
 WATCHDOG_INTERVAL_S = 0.1
-
-
-class QueueFull(M2FPError):
-    code, status = "queue_full", 503
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Draining(M2FPError):
-    code, status = "not_ready", 503
-
-
-class NotLoaded(M2FPError):
-    code, status = "not_ready", 503
 
 
 class Executor(Protocol):

@@ -18,9 +18,9 @@ import time
 
 import redis
 
+from ..errors import StoreUnavailable
 from ..settings import Settings
 from .task import Holding, TaskHandle, TaskRecord, TaskStatus
-from .store import StoreUnavailable
 
 P = "m2fp:"
 FINISHED = P + "finished"

@@ -4,16 +4,14 @@ status; nothing escapes as an exception."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Callable
 
-from .. import render
-from ..engine import HumanParser, ParseResult
+from ..engine import HumanParser
 from ..engine.memory import release_free_memory
 from ..errors import M2FPError
-from ..result_json import ModelRef, ParseResultOut
+from ..outputs import render_outputs
 from .task import Stage, TaskOptions, TaskOutcome, TaskStatus
 from .store import TaskStore
 
@@ -34,27 +32,6 @@ ABANDON_MESSAGES = {
     "timeout": "The task took longer than the service's time limit.",
     "shutdown": "The service shut down before the task could finish.",
 }
-
-
-def model_ref(parser: HumanParser) -> ModelRef:
-    info = parser.info
-    return ModelRef(id=info.id, pretrained=info.pretrained, backend=info.backend)
-
-
-def render_outputs(result: ParseResult, photo, options: TaskOptions,
-                   ref: ModelRef) -> tuple[dict[str, bytes], dict]:
-    """The requested output files, and the ParseResult JSON (always produced)."""
-    doc = ParseResultOut.build(result, ref).model_dump(mode="json")
-    outputs: dict[str, bytes] = {}
-    if "mask" in options.outputs:
-        outputs["mask"] = render.mask_png(result)
-    if "overlay" in options.outputs:
-        outputs["overlay"] = render.overlay_png(result, photo, options.overlay_alpha)
-    if "labels" in options.outputs:
-        outputs["labels"] = render.labels_png(result)
-    if "parts" in options.outputs:
-        outputs["parts"] = json.dumps(doc).encode()
-    return outputs, doc
 
 
 def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes,
@@ -83,7 +60,8 @@ def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes
         result = parser.parse(decoded, on_stage=on_stage)
         on_stage(Stage.rendering.value, RENDER_PROGRESS)
         t0 = time.perf_counter()
-        outputs, doc = render_outputs(result, decoded.image, options, model_ref(parser))
+        outputs, doc = render_outputs(result, decoded.image, options.outputs, options.overlay_alpha,
+                                      parser.info)
         doc["timings_ms"]["rendering"] = round((time.perf_counter() - t0) * 1000, 2)
         check()
         store.put_outputs(task_id, outputs)

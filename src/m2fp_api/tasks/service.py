@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 from ..engine.images import probe_image
 from ..engine.preprocess import network_size
-from ..errors import M2FPError, NotFound, NotReady
+from ..errors import Draining, M2FPError, NotFound, QueueFull, ResultNotReady, StoreUnavailable
 from ..metrics import Metrics
 from ..settings import Settings
-from .executor import Draining, Executor, QueueFull
+from .executor import Executor
 from .model_card import ModelCard
 from .modes import store_and_executor
-from .store import StoreUnavailable, TaskStore
+from .store import TaskStore
 from .task import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskStatus, content_key,
                    new_task_id)
 
@@ -200,7 +200,7 @@ class Service:
     def output(self, task_id: str, owner: str | None, name: str) -> bytes:
         work = self.get(task_id, owner).work
         if work.status is not TaskStatus.succeeded:
-            raise NotReady(f"The task is {work.status.value}; results exist once it has succeeded.")
+            raise ResultNotReady(f"The task is {work.status.value}; results exist once it has succeeded.")
         if name not in work.options.outputs:
             raise NotFound(f"`{name}` was not requested for this task.")
         data = self.store.get_output(work.id, name)

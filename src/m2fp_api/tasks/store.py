@@ -19,10 +19,6 @@ from typing import Protocol
 from .task import Holding, TaskHandle, TaskRecord, TaskStatus
 
 
-class StoreUnavailable(Exception):
-    """The backing store cannot be reached (a Redis store raises this)."""
-
-
 class TaskStore(Protocol):
     def create(self, record: TaskRecord, handle: TaskHandle) -> None:
         """New work with its first handle."""

@@ -10,10 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-OUTPUT_NAMES = ("mask", "overlay", "labels", "parts")
-# file name under /v1/tasks/{id}/ for each output
-OUTPUT_FILES = {"mask": "mask.png", "overlay": "overlay.png", "labels": "labels.png",
-                "parts": "parts.json"}
+from ..outputs import OUTPUT_NAMES
 
 
 class TaskStatus(str, Enum):
