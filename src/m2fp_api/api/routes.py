@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import render
 from ..errors import BadRequest
 from ..tasks.task import OUTPUT_FILES, OUTPUT_NAMES, Holding, TaskOptions
-from .schemas import ErrorBody, Health, Label, ModelInfoOut, Task, TaskList
+from .schemas import ErrorBody, Health, Label, ModelInfoOut, OutputOut, Task, TaskList
 from ..tasks.service import MB, BatchOutcome, Service
 
 MAX_WAIT_S = 60.0
@@ -239,6 +239,14 @@ async def list_labels(request: Request) -> list[Label]:
     return [Label(id=i, name=n, color=colours[i].tolist()) for i, n in enumerate(names)]
 
 
+# /v1/model describes each output as its route declares it (file, media type, summary), so
+# clients such as the page need no list of their own
+_ROUTE_BY_FILE = {route.path.rsplit("/", 1)[1]: route for route in v1.routes}
+OUTPUTS = [OutputOut(name=name, file_name=file_name, title=_ROUTE_BY_FILE[file_name].summary,
+                     media_type=next(iter(_ROUTE_BY_FILE[file_name].responses[200]["content"])))
+           for name, file_name in OUTPUT_FILES.items()]
+
+
 @v1.get("/model", tags=["service"], operation_id="getModel", response_model=ModelInfoOut,
         summary="The loaded model and runtime", responses=errors(503))
 async def get_model(request: Request) -> ModelInfoOut:
@@ -252,7 +260,7 @@ async def get_model(request: Request) -> ModelInfoOut:
                         slots=service.executor.slots, rss_bytes=psutil.Process().memory_info().rss,
                         memory_budget_bytes=service.settings.memory_budget_mb * MB,
                         max_upload_bytes=int(service.settings.max_upload_mb * MB),
-                        max_pixels=service.settings.max_pixels)
+                        max_pixels=service.settings.max_pixels, outputs=OUTPUTS)
 
 
 @ops.get("/healthz", tags=["service"], operation_id="health", response_model=Health, summary="Alive")

@@ -94,6 +94,13 @@ class Label(BaseModel):
     color: list[int] = Field(min_length=3, max_length=3, description="[r, g, b]")
 
 
+class OutputOut(BaseModel):
+    name: str
+    file_name: str
+    media_type: str
+    title: str
+
+
 class ModelInfoOut(BaseModel):
     id: str
     revision: str | None
@@ -108,6 +115,7 @@ class ModelInfoOut(BaseModel):
     memory_budget_bytes: int
     max_upload_bytes: int = Field(description="largest request body accepted")
     max_pixels: int = Field(description="largest photo accepted, in pixels")
+    outputs: list[OutputOut] = Field(description="what a task can produce, each at /v1/tasks/{id}/{file_name}")
 
 
 class Health(BaseModel):
