@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import PARITY
+from m2fp_api.api.app import WEB
 from server import Redis, Server, Worker, big_jpeg, jpeg
 
 PHOTO = (PARITY / "images" / "two_figures.png").read_bytes()
@@ -167,6 +168,11 @@ def test_service_endpoints(server):
         assert "m2fp_tasks_total" in metrics and "m2fp_stage_seconds_bucket" in metrics
     page = server.client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    # browsers run a module script only when it is served as JavaScript
+    for script in WEB.iterdir():
+        if script.name.endswith(".js"):
+            served = server.client.get(f"/static/{script.name}")
+            assert served.headers["content-type"].startswith(("text/javascript", "application/javascript"))
 
 
 # -- faults and limits, each on its own server ------------------------------------------
