@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import PARITY
+from m2fp_api.api.app import WEB
 from photos import big_jpeg, jpeg
 from server import DEPLOYMENTS, Deployment, Server
 
@@ -142,7 +143,9 @@ def test_service_endpoints(server):
     assert model["pretrained"] is False and model["backend"] == "torch-fp32"
     assert model["dtype"] == "float32" and model["threads"] >= 1 and model["slots"] >= 1
     assert 0 < model["rss_bytes"] < model["memory_budget_bytes"]
-    assert [o["name"] for o in model["outputs"]] == ["mask", "overlay", "labels", "parts"]
+    assert [(o["name"], o["file_name"], o["media_type"]) for o in model["outputs"]] == [
+        ("mask", "mask.png", "image/png"), ("overlay", "overlay.png", "image/png"),
+        ("labels", "labels.png", "image/png"), ("parts", "parts.json", "application/json")]
     assert all(o["title"] for o in model["outputs"])
     labels = server.client.get("/v1/labels").json()
     assert labels[0]["name"] == "Background" and len(labels) == 20
@@ -152,6 +155,11 @@ def test_service_endpoints(server):
     assert "m2fp_tasks_total" in metrics and "m2fp_stage_seconds_bucket" in metrics  # both modes
     page = server.client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    # browsers run a module script only when it is served as JavaScript
+    for script in WEB.iterdir():
+        if script.name.endswith(".js"):
+            served = server.client.get(f"/static/{script.name}")
+            assert served.headers["content-type"].startswith(("text/javascript", "application/javascript"))
 
 
 # -- faults and limits, each on its own server ------------------------------------------

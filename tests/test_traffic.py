@@ -117,7 +117,7 @@ def test_unauthenticated_body_is_never_read(keyed):
 
 
 def test_with_keys_only_health_and_the_page_are_open(keyed):
-    for path in ("/healthz", "/readyz", "/", "/static/app.js"):
+    for path in ("/healthz", "/readyz", "/", "/static/main.js"):
         assert keyed.client.get(path).status_code == 200, path
     for path in ("/metrics", "/docs", "/openapi.json", "/v1/model", "/v1/tasks/nope"):
         r = keyed.client.get(path)
@@ -131,7 +131,7 @@ def test_open_paths_are_a_setting(tmp_path):
         s.wait_ready()
         for path in ("/metrics", "/docs", "/openapi.json"):
             assert s.client.get(path).status_code == 200, path
-        for path in ("/healthz", "/", "/static/app.js", "/v1/model"):
+        for path in ("/healthz", "/", "/static/main.js", "/v1/model"):
             assert s.client.get(path).status_code == 401, path
     finally:
         s.stop()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from conftest import PARITY
 from server import Server
@@ -70,6 +71,20 @@ def canvas_pixels(page) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1]))).convert("RGB"))
 
 
+def fresh_photo(tmp_path: Path) -> Path:
+    """PHOTO under bytes of its own: the same bytes again would share the finished task of
+    an earlier upload, which the page then has no need to watch."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("nonce", uuid.uuid4().hex)
+    path = tmp_path / "fresh.png"
+    Image.open(PHOTO).save(path, pnginfo=info)
+    return path
+
+
+def task_id_of(card) -> str:
+    return card.locator(".dl-labels").get_attribute("href").split("/")[3]
+
+
 def upload_and_wait(page, path: Path):
     page.set_input_files("#file-input", str(path))
     card = page.locator(".card").first
@@ -110,7 +125,7 @@ def test_upload_progress_overlay_slider_hover_downloads(page, server):
     shot(page, "3-opacity-100")
 
     # hover a pixel whose class we know from the service's own labels.png
-    task_id = card.locator(".dl-labels").get_attribute("href").split("/")[3]
+    task_id = task_id_of(card)
     labels = np.asarray(Image.open(io.BytesIO(server.client.get(f"/v1/tasks/{task_id}/labels.png").content)))
     names = {l["id"]: l["name"] for l in server.client.get("/v1/labels").json()}
     ys, xs = np.nonzero(labels != 0)
@@ -134,16 +149,60 @@ def test_upload_progress_overlay_slider_hover_downloads(page, server):
             assert json.loads(content)["image"] == {"width": 500, "height": 300}
 
 
-def test_bad_file_shows_a_clear_error(page, tmp_path):
+def test_bad_file_shows_the_services_error(page, server, tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("this is not a photo")
+    said = server.client.post("/v1/parse", files={"file": ("upload", bad.read_bytes())}).json()["error"]
     page.set_input_files("#file-input", str(bad))
     card = page.locator(".card").first
     error = card.locator(".error")
     error.wait_for(state="visible", timeout=30_000)
-    assert "JPEG, PNG or WebP" in error.inner_text()
+    assert f"{said['message']} ({said['code']})" in error.inner_text()
+    assert "JPEG, PNG" in said["message"]  # says what to send instead
     assert card.locator(".status").inner_text() == "Refused"
+    assert not card.locator(".retry").is_visible()  # the same file would fail again
     shot(page, "5-bad-file")
+
+
+@pytest.mark.parametrize("transport", ["events", "no-eventsource", "events-fail"])
+def test_a_task_is_followed_by_events_else_by_polling(page, tmp_path, transport):
+    """watchTask follows a task with server-sent events where it can, and by polling
+    /v1/tasks/{id} when the browser has no EventSource or the stream fails."""
+    if transport == "no-eventsource":
+        page.add_init_script("delete window.EventSource")
+        page.reload()
+    elif transport == "events-fail":
+        page.route("**/v1/tasks/*/events", lambda route: route.abort())
+    urls: list[str] = []
+    page.on("request", lambda r: urls.append(r.url))
+    card = upload_and_wait(page, fresh_photo(tmp_path))
+    assert card.locator(".legend li").count() >= 1
+    task = f"/v1/tasks/{task_id_of(card)}"
+    streamed = any(u.endswith(f"{task}/events") for u in urls)
+    polled = any(u.endswith(task) for u in urls)
+    assert (streamed, polled) == {"events": (True, False), "no-eventsource": (False, True),
+                                  "events-fail": (True, True)}[transport], urls
+
+
+def test_download_links_are_the_outputs_the_service_lists(page):
+    """The page keeps no list of outputs: its links are /v1/model's, in its order."""
+    def listed(route):
+        response = route.fetch()
+        model = response.json()
+        model["outputs"] = [{**o, "title": f"{o['title']} (listed)"}
+                            for o in reversed(model["outputs"]) if o["name"] != "overlay"]
+        route.fulfill(response=response, json=model)
+
+    page.route("**/v1/model", listed)
+    page.reload()
+    card = upload_and_wait(page, PHOTO)
+    links = card.locator(".downloads a")
+    got = [(a.get_attribute("class"), a.inner_text(), a.get_attribute("download"), a.get_attribute("title"))
+           for a in links.all()]
+    assert [g[:3] for g in got] == [("dl-parts", "parts JSON", "two_figures.parts.json"),
+                                    ("dl-labels", "labels PNG", "two_figures.labels.png"),
+                                    ("dl-mask", "mask PNG", "two_figures.mask.png")]
+    assert all(title.endswith("(listed)") for *_, title in got)
 
 
 def test_keyboard_opens_the_file_picker(page):

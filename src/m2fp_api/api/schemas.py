@@ -122,7 +122,7 @@ class ModelInfoOut(BaseModel):
     memory_budget_bytes: int
     max_upload_bytes: int = Field(description="largest request body accepted")
     max_pixels: int = Field(description="largest photo accepted, in pixels")
-    outputs: list[OutputOut] = Field(description="the outputs a task can produce")
+    outputs: list[OutputOut] = Field(description="what a task can produce, each at /v1/tasks/{id}/{file_name}")
 
 
 class Health(BaseModel):

@@ -1,0 +1,108 @@
+// The page's entry: waits for the service and describes its model, takes photos (drop,
+// paste, file picker, keyboard) and gives each its TaskCard, asks for an API key on a 401.
+
+import { TaskCard } from "./task-card.js";
+import { Client, errorOf, sleep } from "./transport.js";
+
+const READY_POLL_MS = 2000;
+
+// What the cards need of the service: its model (upload limit, outputs) and labels. A card
+// reads `model` as it uploads (null until known: the service then judges the size itself)
+// and waits for `described` before drawing a result, which a photo sent while the page
+// was loading can reach first.
+class ServiceDescription {
+  model = null;
+  labels = [];
+  #resolve;
+  described = new Promise((resolve) => { this.#resolve = resolve; });
+
+  set(model, labels) {
+    this.model = model;
+    this.labels = labels;
+    this.#resolve();
+  }
+}
+
+const $ = (selector) => document.querySelector(selector);
+const client = new Client({ onUnauthorized: () => { $("#key-box").hidden = false; } });
+const service = new ServiceDescription();
+
+async function loadService() {
+  const banner = $("#banner");
+  for (;;) {
+    const ready = await client.request("/readyz").catch(() => null);
+    if (ready && ready.ok) {
+      const [model, labels] = await Promise.all([client.request("/v1/model"), client.request("/v1/labels")]);
+      if (model.ok && labels.ok) {
+        service.set(await model.json(), await labels.json());
+        break;
+      }
+      // a 401 has shown the key box, and saving a key comes back here
+      if (model.status === 401 || labels.status === 401) return;
+    } else {
+      const error = ready ? await errorOf(ready) : { message: "The service cannot be reached." };
+      banner.hidden = false;
+      banner.textContent = `Not ready: ${error.message}`;
+    }
+    await sleep(READY_POLL_MS);
+  }
+  const m = service.model;
+  $("#model-info").textContent =
+    `Model ${m.id} · ${m.single_human ? "one person" : "several people"} · ${m.backend} · ${m.threads} threads`;
+  if (m.pretrained === false) {
+    banner.hidden = false;
+    banner.textContent = "Demo mode: this service runs a stand-in model with random weights " +
+      "(pretrained: false). The masks below are not real parses.";
+  } else {
+    banner.hidden = true;
+  }
+}
+
+function addFiles(files) {
+  for (const file of files) {
+    if (!file) continue;  // anything else goes to the service, which says what is wrong
+    const card = new TaskCard(file, { client, service });
+    $("#tasks").prepend(card.el);
+    card.submit();
+  }
+}
+
+function setUpInputs() {
+  const drop = $("#drop");
+  const input = $("#file-input");
+  drop.addEventListener("click", () => input.click());
+  drop.addEventListener("keydown", (e) => {
+    // the drop zone is a button to keyboard and screen-reader users
+    if (e.key === "Enter" || e.key === " ") {
+      e.preventDefault();
+      input.click();
+    }
+  });
+  input.addEventListener("change", () => {
+    addFiles(input.files);
+    input.value = "";  // choosing the same file again is a new upload
+  });
+  drop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    addFiles(e.dataTransfer.files);
+  });
+  document.addEventListener("paste", (e) => {
+    const files = [...(e.clipboardData?.items || [])]
+      .filter((item) => item.kind === "file").map((item) => item.getAsFile());
+    if (files.length) addFiles(files);
+  });
+  $("#api-key-save").addEventListener("click", () => {
+    client.useKey($("#api-key").value.trim());
+    $("#key-box").hidden = true;
+    loadService();
+  });
+}
+
+setUpInputs();
+loadService();
