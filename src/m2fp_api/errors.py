@@ -9,6 +9,8 @@ Two families:
 - `M2FPError`: this photo, request or task cannot be served as asked (bad input, no
   room, no model). Raised by the engine and the service; a batch fails the one item, a
   task fails with the code.
+- `TaskFailure`: how a task ends failed when its photo did not fail it (time limits,
+  shut-down, memory, a lost worker, a bug); recorded as the task's error only.
 - the others: the infrastructure's and the transport's. They answer the whole request
   and are never a task's or a batch item's outcome: the task store away, and what the
   HTTP layer answers on its own around the routes (keys, heads, bodies, connections).
@@ -92,6 +94,37 @@ class Draining(M2FPError):
     """The service is shutting down and takes no new work."""
 
     code, status = "not_ready", 503
+
+
+# --- how a task ends failed when its photo did not fail it (Task.error) ------------------
+
+class TaskFailure(CodedError):
+    """Recorded as a task's `error`, never answered to a request; the status is unused."""
+
+    default_message = "The task failed unexpectedly."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.default_message)
+
+
+class TimedOut(TaskFailure):
+    code = "timeout"
+    default_message = "The task took longer than the service's time limit."
+
+
+class ShutDown(TaskFailure):
+    code = "shutdown"
+    default_message = "The service shut down before the task could finish."
+
+
+class OutOfMemory(TaskFailure):
+    code = "out_of_memory"
+    default_message = "The photo needed more memory than the service has."
+
+
+class WorkerLost(TaskFailure):
+    code = "worker_lost"
+    default_message = "The worker running this task stopped."
 
 
 # --- the infrastructure's and the transport's ------------------------------------------

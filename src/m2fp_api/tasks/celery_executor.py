@@ -26,19 +26,18 @@ from typing import Callable
 
 import kombu.exceptions
 
-from ..errors import Draining, NotLoaded, QueueFull, StoreUnavailable
+from ..errors import Draining, NotLoaded, QueueFull, StoreUnavailable, TimedOut, WorkerLost
 from ..settings import Settings
 from .celery_app import TASK_NAME, make_celery
 from .model_card import ModelCard
 from .pacing import slot_interval_s
 from .redis_queue import RedisQueue
 from .redis_store import RedisStore
-from .run import ABANDON_MESSAGES, fail_task
+from .run import fail_task
 from .task import TaskOptions, TaskOutcome, TaskStatus
 
 log = logging.getLogger("m2fp.cluster")
 REAP_INTERVAL_S = 0.5
-WORKER_LOST = "The worker running this task stopped."
 
 
 class CeleryExecutor:
@@ -137,7 +136,7 @@ class CeleryExecutor:
     def reap(self) -> None:
         now = time.time()
         for task_id in self.queue.queued_before(now - self.settings.queue_timeout_s):
-            fail_task(self.store, task_id, "timeout", ABANDON_MESSAGES["timeout"], (TaskStatus.queued,))
+            fail_task(self.store, task_id, TimedOut(), (TaskStatus.queued,))
             self.queue.remove(task_id)
         for task_id in self.queue.running():
             record = self.store.get(task_id)
@@ -146,10 +145,10 @@ class CeleryExecutor:
                 continue
             if not self.queue.alive(task_id):
                 # killed, also between taking the task and marking it running
-                fail_task(self.store, task_id, "worker_lost", WORKER_LOST)
+                fail_task(self.store, task_id, WorkerLost())
                 self.queue.forget_running(task_id)
             elif record.status is TaskStatus.running and record.started_at and now - record.started_at > self.settings.run_timeout_s:
-                fail_task(self.store, task_id, "timeout", ABANDON_MESSAGES["timeout"], (TaskStatus.running,))
+                fail_task(self.store, task_id, TimedOut(), (TaskStatus.running,))
                 self.queue.stop(task_id, "timeout")
 
     def collect_outcomes(self) -> None:

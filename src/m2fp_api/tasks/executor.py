@@ -31,7 +31,7 @@ from .model_card import ModelCard
 from .task import TaskOptions, TaskOutcome, TaskStatus
 from .pacing import PACE_WINDOW, book, slot_interval_s
 from .store import TaskStore
-from .run import ABANDON_MESSAGES, fail_task, run_task
+from .run import STOP_FAILURES, fail_task, run_task
 
 log = logging.getLogger("m2fp.executor")
 
@@ -249,7 +249,7 @@ class InProcessExecutor:
 
     # -- internals ------------------------------------------------------------------
     def _fail(self, task_id: str, reason: str) -> None:
-        fail_task(self.store, task_id, reason, ABANDON_MESSAGES[reason])
+        fail_task(self.store, task_id, STOP_FAILURES[reason]())
 
     def _work_loop(self) -> None:
         while True:

@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..engine import HumanParser
 from ..engine.memory import release_free_memory
-from ..errors import M2FPError
+from ..errors import CodedError, M2FPError, OutOfMemory, ShutDown, TaskFailure, TimedOut
 from ..outputs import render_outputs
 from .task import Stage, TaskOptions, TaskOutcome, TaskStatus
 from .store import TaskStore
@@ -28,10 +28,8 @@ class TaskAbandoned(Exception):
         self.reason = reason
 
 
-ABANDON_MESSAGES = {
-    "timeout": "The task took longer than the service's time limit.",
-    "shutdown": "The service shut down before the task could finish.",
-}
+# what a task abandoned for each of these reasons fails with ("cancelled" is no failure)
+STOP_FAILURES: dict[str, type[TaskFailure]] = {"timeout": TimedOut, "shutdown": ShutDown}
 
 
 def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes,
@@ -73,22 +71,22 @@ def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes
             status = TaskStatus.cancelled
             store.update(task_id, status=TaskStatus.cancelled, finished_at=time.time())
         else:
-            fail_task(store, task_id, stop.reason, ABANDON_MESSAGES[stop.reason])
+            fail_task(store, task_id, STOP_FAILURES[stop.reason]())
     except M2FPError as exc:
-        fail_task(store, task_id, exc.code, exc.message)
+        fail_task(store, task_id, exc)
     except MemoryError:
-        fail_task(store, task_id, "out_of_memory", "The photo needed more memory than the service has.")
+        fail_task(store, task_id, OutOfMemory())
     except Exception:
         log.exception("task failed unexpectedly", extra={"task_id": task_id})
-        fail_task(store, task_id, "internal_error", "The task failed unexpectedly.")
+        fail_task(store, task_id, TaskFailure())
     finally:
         release_free_memory()  # the task's full-size temporaries: back to the OS
         if on_finished is not None:
             on_finished(TaskOutcome(status, dict(result.timings_ms) if status is TaskStatus.succeeded else {}))
 
 
-def fail_task(store: TaskStore, task_id: str, code: str, message: str,
+def fail_task(store: TaskStore, task_id: str, error: CodedError,
               if_status: tuple[TaskStatus, ...] = (TaskStatus.queued, TaskStatus.running)) -> None:
-    """End a task as failed with `code`, unless it has already ended (or is not in `if_status`)."""
-    store.update(task_id, if_status=if_status, status=TaskStatus.failed, error_code=code,
-                 error_message=message, finished_at=time.time())
+    """End a task as failed with `error`, unless it has already ended (or is not in `if_status`)."""
+    store.update(task_id, if_status=if_status, status=TaskStatus.failed, error_code=error.code,
+                 error_message=error.message, finished_at=time.time())

@@ -20,6 +20,7 @@ import time
 from celery.signals import worker_process_init
 
 from ..engine import HumanParser
+from ..errors import TimedOut
 from ..settings import Settings
 from .celery_app import QUEUE, TASK_NAME, make_celery
 from .model_card import ModelCard
@@ -75,7 +76,7 @@ class WorkerProcess:
 
         try:
             if payload is None:  # cancelled, timed out or expired while queued
-                fail_task(self.store, task_id, "timeout", "The upload expired before a worker took it.",
+                fail_task(self.store, task_id, TimedOut("The upload expired before a worker took it."),
                           (TaskStatus.queued,))
                 return
             run_task(self.parser, self.store, task_id, payload, options, should_stop,
