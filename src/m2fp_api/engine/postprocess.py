@@ -152,7 +152,7 @@ class _ClassCanvas:
         current = best[y0:y1, x0:x1]
         better = probs > current  # strict: ties keep the lower class id, as argmax does
         torch.maximum(current, probs, out=current)
-        class_map[y0:y1, x0:x1][better] = cls
+        class_map[y0:y1, x0:x1].masked_fill_(better, cls)  # in place: a bool index would list the pixels as int64 (16 B each)
         probs.zero_()
         self.times[y0:y1, x0:x1].zero_()
         self.box = None
