@@ -118,7 +118,7 @@ class ModelFacts(BaseModel):
     backend: str
     dtype: str
     threads: int
-    single_human: bool = Field(description="true: one person a photo, `parts.json` has no `persons`")
+    single_human: bool = Field(description="true: one person a photo, `persons` in `parts.json` stays empty")
 
     @staticmethod
     def fields_of(info: ModelInfo) -> dict:
