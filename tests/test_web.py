@@ -266,6 +266,7 @@ def test_several_models_are_offered_and_each_photo_runs_on_the_one_chosen(browse
         card = upload_and_wait(page, fresh_photo(tmp_path))
         task = two_models_server.client.get(f"/v1/tasks/{task_id_of(card)}").json()
         ran_on[model] = task["result"]["model"]["id"]
+        assert card.locator(".detail").inner_text().endswith(f" · {model}")  # the card says which ran it
         # the legend names the classes of the model that ran it
         assert card.locator(".legend li").count() >= 1
     assert ran_on == {"tiny-single": "tiny-single", "tiny-multiple": "tiny-multiple"}

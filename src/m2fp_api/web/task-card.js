@@ -145,7 +145,8 @@ export class TaskCard {
     this.fillDownloads(task);
     this.part(".result").hidden = false;
     this.part(".detail").textContent +=
-      ` · ${result.parts.length} parts` + (result.persons.length ? `, ${result.persons.length} people` : "");
+      ` · ${result.parts.length} parts` + (result.persons.length ? `, ${result.persons.length} people` : "") +
+      (this.service.models.length > 1 ? ` · ${result.model.id}` : "");  // which of the choice ran it
   }
 
   // one link per output the service lists (/v1/model) and this task has
