@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import PARITY
 
 TINY_MULTIPLE = str(PARITY / "tiny-multiple")
+TINY_SINGLE = str(PARITY / "tiny-single")
 HAS_REDIS = shutil.which("redis-server") is not None
 NO_REDIS = "Debian's redis-server is not installed (scripts/ensure-test-services.sh)"
 needs_redis = pytest.mark.skipif(not HAS_REDIS, reason=NO_REDIS)

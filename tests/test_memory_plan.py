@@ -18,7 +18,7 @@ import pytest
 
 from conftest import PARITY
 from m2fp_api.tasks.memory_plan import BYTES_PER_PIXEL, MB, NETWORK_WORKING_BYTES, MemoryPlan, task_bytes
-from m2fp_api.errors import ImageTooLarge
+from m2fp_api.errors import ImageTooLarge, NotLoaded
 from m2fp_api.settings import Settings
 
 HEADROOM = 1.15
@@ -103,3 +103,35 @@ def test_plan_sizes_slots_and_refuses_what_a_slot_cannot_hold():
     with pytest.raises(ImageTooLarge) as refused:
         crowded.admit(30000, 800)
     assert "30000x800" in refused.value.message and f"{crowded.max_pixels} pixels" in refused.value.message
+
+
+def test_the_plan_counts_every_model_the_service_loads(tmp_path, monkeypatch):
+    """With several models (M2FP_MODELS) the idle RSS the slots are sized from is measured
+    once every one of them is loaded and warmed, and the service is ready only then."""
+    import time
+
+    from m2fp_api.engine import HumanParser
+    from m2fp_api.tasks import executor as executor_module
+    from m2fp_api.tasks.executor import InProcessExecutor
+    from m2fp_api.tasks.store import MemoryStore
+
+    events: list[str] = []
+    warm_up = HumanParser.warm_up
+    monkeypatch.setattr(HumanParser, "warm_up", lambda self: (warm_up(self), events.append(f"warm {self.info.id}")))
+    plan = MemoryPlan.for_service
+    monkeypatch.setattr(executor_module.MemoryPlan, "for_service",
+                        lambda settings, idle: (events.append("plan"), plan(settings, idle))[1])
+    settings = Settings(models=[str(PARITY / "tiny-multiple"), str(PARITY / "tiny-single")],
+                        cache_dir=tmp_path, allow_download=False, compile=False)
+    executor = InProcessExecutor(MemoryStore(ttl_s=60, max_finished=10, max_output_bytes=MB), settings)
+    executor.start()
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        try:
+            models = executor.models
+            break
+        except NotLoaded:  # not ready while any model is still loading
+            time.sleep(0.05)
+    assert [card.info.id for card in models] == ["tiny-multiple", "tiny-single"]
+    assert events == ["warm tiny-multiple", "warm tiny-single", "plan"]
+    executor.drain(0)

@@ -54,15 +54,19 @@ def test_generated_python_client_submits_polls_and_fetches(server, tmp_path):
         get_task = importlib.import_module("m2fp_api_client.api.tasks.get_task")
         get_mask = importlib.import_module("m2fp_api_client.api.tasks.get_mask")
         get_model = importlib.import_module("m2fp_api_client.api.service.get_model")
+        list_models = importlib.import_module("m2fp_api_client.api.service.list_models")
         models = importlib.import_module("m2fp_api_client.models")
         types = importlib.import_module("m2fp_api_client.types")
 
         client = client_mod.Client(base_url=server.url, raise_on_unexpected_status=True)
         model = get_model.sync(client=client)
         assert model.pretrained is False
+        listed = list_models.sync(client=client)
+        assert listed.default == model.id and [m.id for m in listed.models] == [model.id]
         photo = (PARITY / "images" / "two_figures.png").read_bytes()
         body = models.BodySubmitParse(file=types.File(payload=photo, file_name="p.png",
-                                                      mime_type="image/png"), outputs="mask,parts")
+                                                      mime_type="image/png"), outputs="mask,parts",
+                                      model=listed.default)
         response = submit.sync_detailed(client=client, body=body)
         assert response.status_code in (200, 202)
         task = response.parsed

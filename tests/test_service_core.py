@@ -11,10 +11,11 @@ import json
 
 import pytest
 
+from conftest import PARITY
 from photos import jpeg
 
 from m2fp_api.errors import (Draining, ImageTooSmall, NotFound, NotLoaded, QueueFull, ResultNotReady, StoreUnavailable,
-                             UnsupportedMediaType)
+                             UnknownModel, UnsupportedMediaType)
 from m2fp_api.settings import Settings
 from m2fp_api.tasks.model_card import ModelCard
 from m2fp_api.tasks.run import run_task
@@ -29,9 +30,11 @@ RETRY_AFTER_S = 7
 class HeldExecutor:
     """An Executor whose queued tasks run only when the test calls `run_next`."""
 
-    def __init__(self, store, parser, queue_size: int = 4) -> None:
-        self.store, self.parser, self.queue_size = store, parser, queue_size
-        self.card: ModelCard | None = ModelCard.of(parser)  # None: the model is not loaded
+    def __init__(self, store, *parsers, queue_size: int = 4) -> None:
+        self.store, self.queue_size = store, queue_size
+        self.parsers = {parser.info.id: parser for parser in parsers}
+        # None: the models are not loaded
+        self.cards: tuple[ModelCard, ...] | None = tuple(ModelCard.of(parser) for parser in parsers)
         self.refusal: Exception | None = None  # what submit raises instead of queueing
         self.refused: list[str] = []
         self.queue: list[tuple[str, bytes, TaskOptions]] = []
@@ -40,10 +43,10 @@ class HeldExecutor:
         self.slots = 1
 
     @property
-    def model(self) -> ModelCard:
-        if self.card is None:
+    def models(self) -> tuple[ModelCard, ...]:
+        if self.cards is None:
             raise NotLoaded("The model is still loading; retry shortly.")
-        return self.card
+        return self.cards
 
     def submit(self, task_id: str, payload: bytes, options: TaskOptions) -> None:
         if self.refusal is not None:
@@ -63,7 +66,7 @@ class HeldExecutor:
 
     def run_next(self) -> None:
         task_id, payload, options = self.queue.pop(0)
-        run_task(self.parser, self.store, task_id, payload, options, should_stop=lambda: None,
+        run_task(self.parsers[options.model], self.store, task_id, payload, options, should_stop=lambda: None,
                  on_finished=self.on_finished)
 
     def depth(self) -> int:
@@ -190,10 +193,10 @@ def test_admission_refuses_before_anything_is_stored(core):
         core.submit(jpeg(4000, 8), OPTIONS, None)
     with pytest.raises(UnsupportedMediaType):
         core.submit(b"not an image at all", OPTIONS, None)
-    card, core.executor.card = core.executor.card, None
+    cards, core.executor.cards = core.executor.cards, None
     with pytest.raises(NotLoaded):
         core.submit(PHOTO, OPTIONS, None)
-    core.executor.card = card
+    core.executor.cards = cards
     core.drain()
     with pytest.raises(Draining):
         core.require_ready()
@@ -232,3 +235,39 @@ def test_wait_and_watch_follow_a_task_to_its_end(core):
     assert finished.held.work.status is TaskStatus.succeeded
     core.cancel(held.handle.id, None)
     assert asyncio.run(collect(core.watch(held.handle.id))) == [None]  # gone
+
+
+@pytest.fixture
+def two_models(make_store, multiple_parser, single_parser) -> Service:
+    store = make_store()
+    return Service(Settings(), store, HeldExecutor(store, multiple_parser, single_parser))
+
+
+def test_each_task_runs_on_the_model_it_names_the_first_by_default(two_models):
+    core = two_models
+    multiple, single = (card.info.id for card in core.models())
+    photo = (PARITY / "images" / "astronaut.jpg").read_bytes()  # people: the multi-person model finds them
+    default = core.submit(photo, OPTIONS, None)
+    assert default.work.options.model == multiple  # named before it is stored: workers run it as such
+    named = core.submit(photo, TaskOptions(outputs=OPTIONS.outputs, model=single), None)
+    # the same photo and options on another model is other work, never shared
+    assert not named.handle.cached and named.work.id != default.work.id
+    assert core.submit(photo, TaskOptions(outputs=OPTIONS.outputs, model=multiple), None).handle.cached
+    core.executor.run_next()
+    core.executor.run_next()
+    docs = {held.work.options.model: json.loads(core.output(held.handle.id, None, "parts"))
+            for held in (default, named)}
+    assert docs[multiple]["model"]["id"] == multiple and docs[multiple]["persons"]
+    assert docs[single]["model"]["id"] == single and docs[single]["persons"] == []
+
+
+def test_a_model_not_loaded_is_refused_before_anything_is_stored(two_models):
+    core = two_models
+    unknown = TaskOptions(outputs=OPTIONS.outputs, model="no-such-model")
+    with pytest.raises(UnknownModel) as refused:
+        core.submit(PHOTO, unknown, None)
+    assert (refused.value.status, refused.value.code) == (400, "unknown_model")
+    assert "tiny-multiple" in refused.value.message  # says what is loaded
+    with pytest.raises(UnknownModel):
+        asyncio.run(core.submit_batch(each(PHOTO), unknown, None))
+    assert core.executor.depth() == 0 and rejected(core, "unknown_model") == 1

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from conftest import PARITY
-from server import Server
+from server import TINY_MULTIPLE, TINY_SINGLE, Server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
@@ -232,3 +232,44 @@ def test_page_is_self_contained(page, server):
     page.wait_for_load_state("networkidle")
     assert urls and all(u.startswith(server.url) for u in urls), urls
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
+@pytest.fixture(scope="module")
+def two_models_server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("web-models"), models=f"{TINY_MULTIPLE},{TINY_SINGLE}").wait_ready()
+    yield s
+    s.stop()
+
+
+def test_one_model_offers_no_choice(page):
+    page.locator("#model-info", has_text="tiny-multiple").wait_for()
+    assert not page.locator("#model-choice").is_visible()
+
+
+def test_several_models_are_offered_and_each_photo_runs_on_the_one_chosen(browser, two_models_server, tmp_path):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.label = "models"
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(two_models_server.url + "/")
+    select = page.locator("#model-select")
+    select.wait_for()  # shown: there is a choice
+    assert select.locator("option").evaluate_all("os => os.map(o => o.value)") == ["tiny-multiple", "tiny-single"]
+    assert select.input_value() == "tiny-multiple"  # the service's default
+    shot(page, "1-choice")
+
+    ran_on = {}
+    for model in ("tiny-single", "tiny-multiple"):
+        select.select_option(model)
+        page.locator("#model-info", has_text=f"Model {model}").wait_for()
+        card = upload_and_wait(page, fresh_photo(tmp_path))
+        task = two_models_server.client.get(f"/v1/tasks/{task_id_of(card)}").json()
+        ran_on[model] = task["result"]["model"]["id"]
+        assert card.locator(".detail").inner_text().endswith(f" · {model}")  # the card says which ran it
+        # the legend names the classes of the model that ran it
+        assert card.locator(".legend li").count() >= 1
+    assert ran_on == {"tiny-single": "tiny-single", "tiny-multiple": "tiny-multiple"}
+    shot(page, "2-both")
+    context.close()
+    assert not errors, errors

@@ -124,7 +124,9 @@ def cmd_serve(args) -> int:
     from .api.app import serve
     from .settings import Settings
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v}
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
+    if args.model:  # this model alone, whatever M2FP_MODELS lists
+        overrides.update(model=args.model, models=[args.model])
     serve(Settings(**overrides))
     return 0
 
@@ -169,7 +171,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP service and web page (settings: M2FP_*)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--model")
+    p.add_argument("--model", help="serve this model alone (default: M2FP_MODELS, else M2FP_MODEL)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker for cluster mode (needs M2FP_BROKER_URL)")

@@ -42,6 +42,12 @@ class BadRequest(M2FPError):
     code, status = "bad_request", 400
 
 
+class UnknownModel(M2FPError):
+    """A request named a model this service has not loaded (`GET /v1/models` lists them)."""
+
+    code, status = "unknown_model", 400
+
+
 class NotFound(M2FPError):
     code, status = "not_found", 404
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .engine.backends import BACKENDS
 from .engine.checkpoint import HUB_MULTIPLE
@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     model: str = Field(HUB_MULTIPLE, description=(
         "Hub id, local model directory (configuration.json + pytorch_model.pt), or `demo` "
         "for a seeded random stand-in (reported as pretrained: false)."))
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Comma list of model references (as `M2FP_MODEL`) to load side by side; a request "
+        "picks one with its `model` field, the first is the default. Empty: `M2FP_MODEL` alone."))
     model_revision: str | None = Field(None, description="Hub revision to download.")
     allow_download: bool = Field(True, description=(
         "Fetch hub weights through ModelScope's downloader when they are not cached."))
@@ -117,6 +120,18 @@ class Settings(BaseSettings):
 
     log_format: Literal["text", "json"] = Field("text", description="`json`: one JSON object a line, with task ids.")
     log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [ref.strip() for ref in value.split(",") if ref.strip()]
+        return value
+
+    @property
+    def model_refs(self) -> list[str]:
+        """The models the service loads, the default first, each once."""
+        return list(dict.fromkeys(self.models or [self.model]))
 
 
 @lru_cache

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -18,7 +18,7 @@ from ..tasks.memory_plan import MB
 from ..tasks.service import TaskView
 from ..tasks.task import Holding, TaskOptions
 from .deps import OwnerDep, ServiceDep
-from .schemas import ErrorBody, Health, Label, ModelInfoOut, OutputOut, Task, TaskList
+from .schemas import ErrorBody, Health, Label, LoadedModel, ModelInfoOut, ModelList, OutputOut, Task, TaskList
 
 MAX_WAIT_S = 60.0
 # OpenAPI 3.1 marks uploads with contentMediaType only; generators (openapi-python-client
@@ -52,7 +52,11 @@ ops = APIRouter()
 
 # -- options --------------------------------------------------------------------------
 
-def parse_options(outputs: str | None, overlay_alpha: float | None, wait: float | None) -> tuple[TaskOptions, float]:
+MODEL_FIELD = "id of the model to run on, as `GET /v1/models` lists them (default: the first)"
+
+
+def parse_options(outputs: str | None, overlay_alpha: float | None, wait: float | None,
+                  model: str | None) -> tuple[TaskOptions, float]:
     names = OUTPUT_NAMES
     if outputs is not None:
         names = tuple(dict.fromkeys(o.strip() for o in outputs.split(",") if o.strip()))
@@ -65,7 +69,8 @@ def parse_options(outputs: str | None, overlay_alpha: float | None, wait: float 
     wait_s = 0.0 if wait is None else wait
     if not 0.0 <= wait_s <= MAX_WAIT_S:
         raise BadRequest(f"wait must be between 0 and {MAX_WAIT_S:.0f} seconds.")
-    return TaskOptions(outputs=names, overlay_alpha=alpha), wait_s
+    # an unknown model is the core's to refuse (`unknown_model`): it knows what is loaded
+    return TaskOptions(outputs=names, overlay_alpha=alpha, model=model or None), wait_s
 
 
 # -- submission -----------------------------------------------------------------------
@@ -94,8 +99,9 @@ async def submit_parse(
     outputs: Annotated[str | None, Form(description="comma list of mask,overlay,labels,parts (default: all)")] = None,
     overlay_alpha: Annotated[float | None, Form(description="overlay opacity 0..1 (default 0.5)")] = None,
     wait: Annotated[float | None, Form(description="seconds (0..60) to wait for the result")] = None,
+    model: Annotated[str | None, Form(description=MODEL_FIELD)] = None,
 ):
-    options, wait_s = parse_options(outputs, overlay_alpha, wait)
+    options, wait_s = parse_options(outputs, overlay_alpha, wait, model)
     payload = await read_single_upload(request, file)
     held = service.submit(payload, options, owner)
     if wait_s > 0:
@@ -118,8 +124,9 @@ async def submit_batch(
                                             json_schema_extra={"items": {"type": "string", **BINARY}})],
     outputs: Annotated[str | None, Form()] = None,
     overlay_alpha: Annotated[float | None, Form()] = None,
+    model: Annotated[str | None, Form(description=MODEL_FIELD)] = None,
 ):
-    options, _ = parse_options(outputs, overlay_alpha, None)
+    options, _ = parse_options(outputs, overlay_alpha, None, model)
 
     async def payloads():  # read one at a time, as the core takes them
         for upload in files:
@@ -197,22 +204,29 @@ async def delete_task(service: ServiceDep, owner: OwnerDep, task_id: str):
 # -- service --------------------------------------------------------------------------
 
 @v1.get("/labels", tags=["service"], operation_id="listLabels", response_model=list[Label],
-        summary="Classes of the loaded model with their colours", responses=errors(503))
-async def list_labels(service: ServiceDep) -> list[Label]:
-    names = service.require_ready().config.part_classes
+        summary="Classes of a loaded model with their colours", responses=errors(400, 503))
+async def list_labels(service: ServiceDep, model: Annotated[str | None, Query(description=MODEL_FIELD)] = None,
+                      ) -> list[Label]:
+    names = service.require_ready(model).config.part_classes
     return [Label(id=i, name=n, color=render.PALETTE[i].tolist()) for i, n in enumerate(names)]
 
 
+@v1.get("/models", tags=["service"], operation_id="listModels", response_model=ModelList,
+        summary="The models this service runs; a request picks one with its `model` field",
+        responses=errors(503))
+async def list_models(service: ServiceDep) -> ModelList:
+    cards = service.models()
+    return ModelList(default=cards[0].info.id, models=[LoadedModel.of(card.info) for card in cards])
+
+
 @v1.get("/model", tags=["service"], operation_id="getModel", response_model=ModelInfoOut,
-        summary="The loaded model and runtime", responses=errors(503))
+        summary="The default model and the runtime", responses=errors(503))
 async def get_model(service: ServiceDep) -> ModelInfoOut:
     import psutil
 
     info = service.require_ready().info
-    return ModelInfoOut(id=info.id, revision=info.revision, classes=list(info.classes),
-                        pretrained=info.pretrained, backend=info.backend, dtype=info.dtype,
-                        threads=info.threads, single_human=info.single_human,
-                        slots=service.slots, rss_bytes=psutil.Process().memory_info().rss,
+    return ModelInfoOut(**ModelInfoOut.fields_of(info), slots=service.slots,
+                        rss_bytes=psutil.Process().memory_info().rss,
                         memory_budget_bytes=service.settings.memory_budget_mb * MB,
                         max_upload_bytes=int(service.settings.max_upload_mb * MB),
                         max_pixels=service.settings.max_pixels,

@@ -4,9 +4,11 @@ that `/openapi.json` generates working SDKs."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from urllib.parse import urlencode
 
 from pydantic import BaseModel, Field, create_model
 
+from ..engine import ModelInfo
 from ..outputs import OUTPUTS, Output, output_named
 from ..result_json import ParseResultOut
 from ..tasks.task import Holding, Refusal, Stage, TaskStatus
@@ -108,15 +110,38 @@ class OutputOut(BaseModel):
                    title=output.title)
 
 
-class ModelInfoOut(BaseModel):
-    id: str
+class ModelFacts(BaseModel):
+    id: str = Field(description="what a request's `model` field names")
     revision: str | None
     classes: list[str]
     pretrained: bool = Field(description="false for a stand-in with random weights")
     backend: str
     dtype: str
     threads: int
-    single_human: bool
+    single_human: bool = Field(description="true: one person a photo, `persons` in `parts.json` stays empty")
+
+    @staticmethod
+    def fields_of(info: ModelInfo) -> dict:
+        return dict(id=info.id, revision=info.revision, classes=list(info.classes), pretrained=info.pretrained,
+                    backend=info.backend, dtype=info.dtype, threads=info.threads, single_human=info.single_human)
+
+
+class LoadedModel(ModelFacts):
+    labels: str = Field(description="its classes with their colours (`GET` this URL)")
+
+    @classmethod
+    def of(cls, info: ModelInfo) -> "LoadedModel":
+        return cls(**cls.fields_of(info), labels=f"/v1/labels?{urlencode({'model': info.id})}")
+
+
+class ModelList(BaseModel):
+    default: str = Field(description="the id of the model a request without `model` runs on")
+    models: list[LoadedModel] = Field(description="every model loaded, the default first")
+
+
+class ModelInfoOut(ModelFacts):
+    """The default model, and the runtime."""
+
     slots: int = Field(description="concurrent inferences")
     rss_bytes: int = Field(description="resident memory of the service process now")
     memory_budget_bytes: int

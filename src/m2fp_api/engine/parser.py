@@ -93,11 +93,12 @@ class HumanParser:
                    chunk_bytes=postprocess_chunk_mb * 2**20, jpeg_draft=jpeg_draft)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "HumanParser":
-        """The parser the service's settings describe: the one place they become the
+    def from_settings(cls, settings: Settings, model: str | None = None) -> "HumanParser":
+        """The parser the service's settings describe, for `model` (one of
+        `settings.model_refs`; default `settings.model`): the one place they become the
         library's options."""
         return cls.from_pretrained(
-            settings.model, revision=settings.model_revision, allow_download=settings.allow_download,
+            model or settings.model, revision=settings.model_revision, allow_download=settings.allow_download,
             cache_dir=settings.cache_dir, threads=settings.threads, backend=settings.backend,
             compile=settings.compile, max_pixels=settings.max_pixels, min_side=settings.min_side,
             postprocess_chunk_mb=settings.postprocess_chunk_mb, jpeg_draft=settings.jpeg_draft)

@@ -29,7 +29,7 @@ import kombu.exceptions
 from ..errors import Draining, NotLoaded, QueueFull, StoreUnavailable, TimedOut, WorkerLost
 from ..settings import Settings
 from .celery_app import TASK_NAME, make_celery
-from .model_card import ModelCard
+from .model_card import ModelCard, cards_from_json
 from .pacing import slot_interval_s
 from .redis_queue import RedisQueue
 from .redis_store import RedisStore
@@ -50,7 +50,8 @@ class CeleryExecutor:
         self.on_finished: Callable[[TaskOutcome], None] | None = None
         self._draining = False
         self._stop = threading.Event()
-        self._card: tuple[bytes, ModelCard] | None = None  # the last one read, as published and parsed
+        # the last cards read, as published and parsed
+        self._cards: tuple[bytes, tuple[ModelCard, ...]] | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -69,17 +70,19 @@ class CeleryExecutor:
     def still_running(self) -> bool:
         return False  # the work runs in the workers
 
-    # -- the model ----------------------------------------------------------------------
+    # -- the models ---------------------------------------------------------------------
     @property
-    def model(self) -> ModelCard:
-        """The workers' model, as the first live worker process published it: the API
-        holds none of its own. StoreUnavailable (503) when Redis is away."""
-        cards = self.queue.worker_cards()
-        if not cards:
+    def models(self) -> tuple[ModelCard, ...]:
+        """The workers' models, as the first live worker process published them: the API
+        holds none of its own. Every worker loads every model of its M2FP_MODELS, so any
+        worker takes any task and runs it on the model its options name. StoreUnavailable
+        (503) when Redis is away."""
+        published = self.queue.worker_cards()
+        if not published:
             raise NotLoaded("No worker is running yet; start `m2fp worker`.")
-        if self._card is None or self._card[0] != cards[0]:  # parsed again only when it changes
-            self._card = (cards[0], ModelCard.from_json(cards[0]))
-        return self._card[1]
+        if self._cards is None or self._cards[0] != published[0]:  # parsed again only when they change
+            self._cards = (published[0], cards_from_json(published[0]))
+        return self._cards[1]
 
     @property
     def slots(self) -> int:

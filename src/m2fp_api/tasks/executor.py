@@ -1,4 +1,4 @@
-"""The executor interface, and the embedded one: the model loaded in this process, a
+"""The executor interface, and the embedded one: the models loaded in this process, a
 bounded queue in front of a fixed number of inference slots (threads sharing it).
 
 Time limits: a task waiting longer than the queue limit fails with `timeout`; a task
@@ -6,9 +6,11 @@ running longer than the run limit is marked failed (`timeout`) at once, and its 
 is held until the work really stops at its next stage boundary, so a runaway task can
 never overlap the next one. Cancellation works the same way.
 
-The model loads in the background after `start`, so the service answers `/healthz` at
-once and says 503 until the model is loaded and warmed; the slots are then sized to the
-memory budget from the idle RSS measured after the warm-up.
+The models (`M2FP_MODELS`) load in the background after `start`, so the service answers
+`/healthz` at once and says 503 until every one of them is loaded and warmed: there is
+no partial readiness, a service that cannot load one of its models serves none
+(`model_unavailable`). The slots, shared by all models, are then sized to the memory
+budget from the idle RSS measured after all of them are loaded and warmed.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from typing import Callable, Protocol
 
 import psutil
 
-from ..engine import HumanParser
 from ..errors import Draining, ModelUnavailable, NotLoaded, QueueFull
 from ..settings import Settings
 from .memory_plan import MB, MemoryPlan
-from .model_card import ModelCard
+from .model_card import LoadedModels, ModelCard
 from .task import TaskOptions, TaskOutcome, TaskStatus
 from .pacing import PACE_WINDOW, book, slot_interval_s
 from .store import TaskStore
@@ -48,11 +49,12 @@ class Executor(Protocol):
     on_finished: Callable[[TaskOutcome], None] | None
 
     def start(self) -> None:
-        """Begin in the background (load the model, or watch the workers); returns at once."""
+        """Begin in the background (load the models, or watch the workers); returns at once."""
 
     @property
-    def model(self) -> ModelCard:
-        """The model tasks run on; NotLoaded or ModelUnavailable (503) while there is none."""
+    def models(self) -> tuple[ModelCard, ...]:
+        """The models tasks run on, the default first; NotLoaded or ModelUnavailable (503)
+        while there are none."""
 
     @property
     def slots(self) -> int:
@@ -62,7 +64,7 @@ class Executor(Protocol):
         """Refuse, before queueing, a photo a task here could not hold (ImageTooLarge)."""
 
     def submit(self, task_id: str, payload: bytes, options: TaskOptions) -> None:
-        """Enqueue, or raise QueueFull / Draining."""
+        """Enqueue to run on `options.model` (one of `models`), or raise QueueFull / Draining."""
 
     def cancel(self, task_id: str) -> None:
         """Queued: never runs. Running: stops at its next stage boundary."""
@@ -103,8 +105,8 @@ class _Job:
 
 class InProcessExecutor:
     def __init__(self, store: TaskStore, settings: Settings,
-                 load: Callable[[], HumanParser] | None = None) -> None:
-        """`load` builds the model (by default from the settings); it runs on `start`, in
+                 load: Callable[[], LoadedModels] | None = None) -> None:
+        """`load` builds the models (by default from the settings); it runs on `start`, in
         the background."""
         self.store = store
         self.settings = settings
@@ -113,15 +115,14 @@ class InProcessExecutor:
         self.queue_timeout_s = settings.queue_timeout_s
         self.run_timeout_s = settings.run_timeout_s
         self.on_finished: Callable[[TaskOutcome], None] | None = None
-        self._load = load or (lambda: HumanParser.from_settings(settings))
+        self._load = load or (lambda: LoadedModels.load(settings))
         self._queue: deque[_Job] = deque()
         self._running: dict[str, _Job] = {}
         self._cond = threading.Condition()
         self._draining = False
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._parser: HumanParser | None = None
-        self._card: ModelCard | None = None
+        self._models: LoadedModels | None = None
         self._plan: MemoryPlan | None = None
         self._load_error: ModelUnavailable | None = None
         self._recent_run_s: deque[float] = deque(maxlen=PACE_WINDOW)
@@ -135,28 +136,28 @@ class InProcessExecutor:
     def _load_model(self) -> None:
         started = time.time()
         try:
-            parser = self._load()
-            parser.warm_up()
+            models = self._load()
         except ModelUnavailable as exc:
             self._load_error = exc
             log.error("model unavailable: %s", exc.message)
             return
         except Exception:
             log.exception("model failed to load")
-            self._load_error = ModelUnavailable("The model failed to load; see the service log.")
+            self._load_error = ModelUnavailable("A model failed to load; see the service log.")
             return
-        idle = psutil.Process().memory_info().rss
+        idle = psutil.Process().memory_info().rss  # every model's weights are in it now
         self._plan = MemoryPlan.for_service(self.settings, idle)
         self.slots = self._plan.slots
-        self._parser = parser
+        self._models = models
         self._start_slots()
-        self._card = ModelCard.of(parser)
-        info = parser.info
-        log.info("ready: model %s (pretrained=%s, %s, %d threads), %d slot(s), idle RSS %d MB, "
-                 "%.1f s after start", info.id, info.pretrained, info.backend, info.threads,
-                 self.slots, idle // MB, time.time() - started)
-        if not info.pretrained:
-            log.warning("model %s is a STAND-IN with random weights: results are not real parses", info.id)
+        for card in models.cards:
+            info = card.info
+            log.info("model %s loaded (pretrained=%s, %s, %d threads)", info.id, info.pretrained,
+                     info.backend, info.threads)
+            if not info.pretrained:
+                log.warning("model %s is a STAND-IN with random weights: results are not real parses", info.id)
+        log.info("ready: %d model(s), %d slot(s), idle RSS %d MB, %.1f s after start",
+                 len(models.cards), self.slots, idle // MB, time.time() - started)
 
     def _start_slots(self) -> None:
         for i in range(self.slots):
@@ -187,17 +188,16 @@ class InProcessExecutor:
         return self._draining
 
     def still_running(self) -> bool:
-        compiler = self._parser.compiler if self._parser is not None else None
-        return bool(self.in_flight()) or (compiler is not None and compiler.running)
+        return bool(self.in_flight()) or (self._models is not None and self._models.compiling())
 
-    # -- the model ----------------------------------------------------------------------
+    # -- the models ---------------------------------------------------------------------
     @property
-    def model(self) -> ModelCard:
-        if self._card is None:
+    def models(self) -> tuple[ModelCard, ...]:
+        if self._models is None:
             if self._load_error is not None:
                 raise self._load_error
             raise NotLoaded("The model is still loading; retry shortly.")
-        return self._card
+        return self._models.cards
 
     def admit(self, width: int, height: int) -> None:
         if self._plan is not None:
@@ -262,7 +262,7 @@ class InProcessExecutor:
                 job.started_at = time.monotonic()
                 self._running[job.task_id] = job
             try:
-                run_task(self._parser, self.store, job.task_id, job.payload, job.options,
+                run_task(self._models.parser(job.options.model), self.store, job.task_id, job.payload, job.options,
                          should_stop=lambda: job.stop_reason, on_finished=self.on_finished)
             finally:
                 with self._cond:

@@ -1,6 +1,9 @@
 """The per-task memory plan: what one task (decode, parse, render) needs for a photo of a
 given shape, how many tasks run at once within the budget, and which photos cannot
-fit at all (refused at admission from the header, 422 `image_too_large`).
+fit at all (refused at admission from the header, 422 `image_too_large`). Every model
+the service loads (`M2FP_MODELS`) is counted: the idle RSS is measured once all of them
+are loaded and warmed, and a task is planned at the full-size network's needs whichever
+model runs it.
 
 The numbers are measured on the full-size model (README, "Memory budget"): across
 aspect ratios from 1:1 to 331:1 at 24 MP the task's peak over the idle process was

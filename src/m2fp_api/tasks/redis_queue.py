@@ -7,7 +7,7 @@ upload, until a worker takes it; expires with the queue time limit), `queued` (s
 set: task id -> enqueue time; depth, positions, queue timeouts), `running` (set of the
 task ids workers have taken), `alive:{id}` (refreshed by the worker running the task),
 `stop:{id}` (why a running task should stop: "cancelled", "timeout"), `worker:{name}` (a
-worker process's ModelCard, refreshed while it lives), `pace` (the latest run times in
+worker process's ModelCards, one per model it runs, refreshed while it lives), `pace` (the latest run times in
 seconds, newest first), `booked_until` (the moment the last refused client was promised
 a place), `outcomes` (how the workers' runs ended, newest first, until an API process
 collects them for its metrics). Every key expires.
@@ -129,17 +129,17 @@ class RedisQueue:
 
     # -- workers ------------------------------------------------------------------------
     @unavailable_on_redis_errors
-    def heartbeat(self, worker: str, card: bytes, task_id: str | None) -> None:
-        """A worker process is alive, with this model, and so is the task it runs."""
+    def heartbeat(self, worker: str, cards: bytes, task_id: str | None) -> None:
+        """A worker process is alive, with these models, and so is the task it runs."""
         pipe = self.redis.pipeline()
-        pipe.set(WORKER.format(worker), card, px=self.alive_ttl_ms)
+        pipe.set(WORKER.format(worker), cards, px=self.alive_ttl_ms)
         if task_id:
             pipe.set(ALIVE.format(task_id), worker, px=self.alive_ttl_ms)
         pipe.execute()
 
     @unavailable_on_redis_errors
     def worker_cards(self) -> list[bytes]:
-        """The ModelCard of each live worker process."""
+        """The ModelCards (cards_to_json) of each live worker process."""
         keys = list(self.redis.scan_iter(WORKERS, count=100))
         return [card for card in (self.redis.mget(keys) if keys else []) if card]
 

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..engine.images import probe_image
 from ..engine.preprocess import network_size
@@ -18,7 +18,7 @@ from ..errors import Draining, M2FPError, NotFound, QueueFull, ResultNotReady, S
 from ..metrics import Metrics
 from ..settings import Settings
 from .executor import Executor
-from .model_card import ModelCard
+from .model_card import ModelCard, card_named
 from .modes import store_and_executor
 from .store import TaskStore
 from .task import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskStatus, content_key,
@@ -107,22 +107,29 @@ class Service:
         return self.executor.slots
 
     # -- state ----------------------------------------------------------------------
-    def require_ready(self) -> ModelCard:
-        """The model (its info, config and limits), or the error saying why there is none."""
+    def models(self) -> tuple[ModelCard, ...]:
+        """Every model (info, config and limits), the default first, or the error saying
+        why there are none."""
         if self.executor.draining:
             raise Draining("The service is shutting down; try another instance.")
-        return self.executor.model
+        return self.executor.models
+
+    def require_ready(self, model: str | None = None) -> ModelCard:
+        """The model of that id (None: the default), or the error saying why there is none
+        (UnknownModel when this service has not loaded it)."""
+        return card_named(self.models(), model)
 
     # -- tasks: what a submission, a read, a wait and a delete may do -------------------
     def submit(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding:
         """Admission control, then the identical live work of the same owner if there is
         some (shared, under a handle of its own), else new work on the queue."""
         try:
-            model = self.require_ready()
+            model = self.require_ready(options.model)
+            options = replace(options, model=model.info.id)  # the default, named: stored and run as such
             _, width, height = probe_image(payload, model.limits)
             network_size(width, height, model.config)  # refuses extreme aspect ratios now, not later
             self.executor.admit(width, height)  # a photo its task's memory cannot hold
-            key = content_key(payload, options, model.info.id, owner)
+            key = content_key(payload, options, owner)
             task_id = new_task_id()
             shared = self.store.share(key, task_id, owner)
             if shared is not None:
@@ -143,8 +150,9 @@ class Service:
     async def submit_batch(self, payloads: AsyncIterable[bytes], options: TaskOptions,
                            owner: str | None) -> BatchOutcome:
         """Each photo is submitted as it is read; a bad or refused one fails its own item
-        only. A batch none of whose items found room is refused whole (QueueFull)."""
-        self.require_ready()
+        only. A batch none of whose items found room is refused whole (QueueFull), and so is
+        one for a model this service has not loaded (UnknownModel)."""
+        self.require_ready(options.model)
         batch = BatchOutcome()
         async for payload in payloads:
             batch.items.append(self._submit_item(payload, options, owner))

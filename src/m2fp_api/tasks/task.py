@@ -39,21 +39,25 @@ class Stage(str, Enum):
 class TaskOptions:
     outputs: tuple[str, ...] = OUTPUT_NAMES
     overlay_alpha: float = 0.5
+    # the id of the model to run on; None (as a request leaves it) is the service's
+    # default, which the service core names before the task is stored or run
+    model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"outputs": list(self.outputs), "overlay_alpha": self.overlay_alpha}
+        return {"outputs": list(self.outputs), "overlay_alpha": self.overlay_alpha, "model": self.model}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskOptions":
-        return cls(outputs=tuple(d["outputs"]), overlay_alpha=float(d["overlay_alpha"]))
+        return cls(outputs=tuple(d["outputs"]), overlay_alpha=float(d["overlay_alpha"]), model=d["model"])
 
 
-def content_key(payload: bytes, options: TaskOptions, model_id: str, owner: str | None) -> str:
-    """Identical bytes with identical options on the same model give the same result. The
+def content_key(payload: bytes, options: TaskOptions, owner: str | None) -> str:
+    """Identical bytes with identical options (the model among them, named by the core)
+    give the same result. The
     owner (API key) is part of the key: sharing work across keys would tell one key's
     clients, by a `cached: true`, what another key's clients have uploaded."""
     digest = hashlib.sha256(payload)
-    digest.update(repr((sorted(options.outputs), round(options.overlay_alpha, 4), model_id,
+    digest.update(repr((sorted(options.outputs), round(options.overlay_alpha, 4), options.model,
                         owner)).encode())
     return digest.hexdigest()
 

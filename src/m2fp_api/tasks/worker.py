@@ -1,10 +1,11 @@
-"""`m2fp worker`: a Celery worker whose pool processes each load the model once.
+"""`m2fp worker`: a Celery worker whose pool processes each load every model of
+`M2FP_MODELS` once, and run each task on the model it names.
 
 Nothing is built at import. `main()` reads the settings and builds the Celery app with
 its one task; each pool process builds its own resources when it starts (Celery's
-`worker_process_init`, after the fork): the store, the queue, the model and a
-heartbeat. The heartbeat publishes the process's ModelCard (for `/v1/model`,
-`/v1/labels` and readiness) and, while a task runs, its liveness: the API's reaper
+`worker_process_init`, after the fork): the store, the queue, the models and a
+heartbeat. The heartbeat publishes the process's ModelCards, one per model (for
+`/v1/models`, `/v1/model`, `/v1/labels`, readiness and the `model` field) and, while a task runs, its liveness: the API's reaper
 fails a task whose worker stopped signalling (killed, out of memory) instead of leaving
 it `running` forever. Celery replaces a process that grew past the memory bound.
 """
@@ -19,11 +20,10 @@ import time
 
 from celery.signals import worker_process_init
 
-from ..engine import HumanParser
-from ..errors import TimedOut
+from ..errors import M2FPError, TimedOut
 from ..settings import Settings
 from .celery_app import QUEUE, TASK_NAME, make_celery
-from .model_card import ModelCard
+from .model_card import LoadedModels, cards_to_json
 from .redis_queue import RedisQueue
 from .redis_store import RedisStore
 from .run import fail_task, run_task
@@ -34,24 +34,23 @@ HEARTBEAT_S = 2.0
 
 
 class WorkerProcess:
-    """One pool process: its store, queue and model, and the task it is running."""
+    """One pool process: its store, queue and models, and the task it is running."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = RedisStore.from_settings(settings)
         self.queue = RedisQueue(self.store.redis, settings)
-        self.parser = HumanParser.from_settings(settings)
-        self.parser.warm_up()
-        self.card = ModelCard.of(self.parser).to_json()
+        self.models = LoadedModels.load(settings)
+        self.cards = cards_to_json(self.models.cards)
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.task_id: str | None = None
         threading.Thread(target=self._heartbeat, name="m2fp-heartbeat", daemon=True).start()
-        log.info("worker process %d ready: %s", os.getpid(), self.parser.info)
+        log.info("worker process %d ready: %s", os.getpid(), [card.info for card in self.models.cards])
 
     def _heartbeat(self) -> None:
         while True:
             try:
-                self.queue.heartbeat(self.name, self.card, self.task_id)
+                self.queue.heartbeat(self.name, self.cards, self.task_id)
             except Exception:  # Redis away for a moment: keep trying
                 log.warning("heartbeat failed", exc_info=True)
             time.sleep(HEARTBEAT_S)
@@ -79,7 +78,12 @@ class WorkerProcess:
                 fail_task(self.store, task_id, TimedOut("The upload expired before a worker took it."),
                           (TaskStatus.queued,))
                 return
-            run_task(self.parser, self.store, task_id, payload, options, should_stop,
+            try:
+                parser = self.models.parser(options.model)
+            except M2FPError as exc:  # a worker started with other M2FP_MODELS than the API's
+                fail_task(self.store, task_id, exc, (TaskStatus.queued,))
+                return
+            run_task(parser, self.store, task_id, payload, options, should_stop,
                      on_finished=self._report)
             self.queue.record_run(time.monotonic() - started)  # the pace Retry-After is planned from
         finally:

@@ -17,11 +17,12 @@ const STAGE_NAMES = {
 const RETRYABLE = new Set(["queue_full", "not_ready", "timeout"]);
 
 export class TaskCard {
-  // service: main.js's ServiceDescription (model, labels, described)
+  // service: main.js's ServiceDescription (model, models, chosen, labelsOf, described)
   constructor(file, { client, service }) {
     this.file = file;
     this.client = client;
     this.service = service;
+    this.model = service.chosen;  // a retry runs on the same model; null: the service's default
     this.name = file.name || "pasted image";
     this.unwatch = () => {};
     this.el = document.querySelector("#task-template").content.firstElementChild.cloneNode(true);
@@ -42,7 +43,7 @@ export class TaskCard {
     this.setStatus("uploading", "Uploading…");
     this.setProgress(0);
     this.startClock();
-    const { task, error, retryAfter } = await this.client.submitPhoto(this.file, this.service.model?.max_upload_bytes);
+    const { task, error, retryAfter } = await this.client.submitPhoto(this.file, this.service.model?.max_upload_bytes, this.model);
     if (error) {
       this.fail("refused", error, retryAfter);
       return;
@@ -139,12 +140,13 @@ export class TaskCard {
     await this.service.described;
     await ResultViewer.open(this.part(".result"), {
       id: task.id, name: this.file.name || "photo", file: this.file, result,
-      labelsPng: await this.client.blob(task.links.labels), classes: this.service.labels,
+      labelsPng: await this.client.blob(task.links.labels), classes: this.service.labelsOf(result.model.id),
     });
     this.fillDownloads(task);
     this.part(".result").hidden = false;
     this.part(".detail").textContent +=
-      ` · ${result.parts.length} parts` + (result.persons.length ? `, ${result.persons.length} people` : "");
+      ` · ${result.parts.length} parts` + (result.persons.length ? `, ${result.persons.length} people` : "") +
+      (this.service.models.length > 1 ? ` · ${result.model.id}` : "");  // which of the choice ran it
   }
 
   // one link per output the service lists (/v1/model) and this task has

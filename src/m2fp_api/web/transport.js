@@ -51,13 +51,15 @@ export class Client {
   // own task). Resolves to `{task}` when accepted, else to `{error, retryAfter}` (seconds,
   // 0 when the service did not say). `maxBytes` refuses a photo over the service's upload
   // limit before sending it.
-  async submitPhoto(file, maxBytes) {
+  // model: the id of the model to run on; null for the service's default
+  async submitPhoto(file, maxBytes, model) {
     if (maxBytes && file.size > maxBytes) {
       return { error: { code: "payload_too_large", message:
         `${(file.size / 2 ** 20).toFixed(1)} MB is over the ${(maxBytes / 2 ** 20).toFixed(0)} MB limit.` } };
     }
     const form = new FormData();
     form.append("file", file, "upload");  // the file's own name stays on this page
+    if (model) form.append("model", model);
     let response;
     try {
       response = await this.request("/v1/parse", { method: "POST", body: form });
