@@ -145,7 +145,8 @@ def test_service_endpoints(server):
     assert 0 < model["rss_bytes"] < model["memory_budget_bytes"]
     assert [(o["name"], o["file_name"], o["media_type"]) for o in model["outputs"]] == [
         ("mask", "mask.png", "image/png"), ("overlay", "overlay.png", "image/png"),
-        ("labels", "labels.png", "image/png"), ("parts", "parts.json", "application/json")]
+        ("labels", "labels.png", "image/png"), ("parts", "parts.json", "application/json"),
+        ("persons", "persons.png", "image/png")]
     assert all(o["title"] for o in model["outputs"])
     labels = server.client.get("/v1/labels").json()
     assert labels[0]["name"] == "Background" and len(labels) == 20

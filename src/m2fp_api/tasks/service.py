@@ -119,6 +119,7 @@ class Service:
         some (shared, under a handle of its own), else new work on the queue."""
         try:
             model = self.require_ready()
+            options = options.for_model(model.info)
             _, width, height = probe_image(payload, model.limits)
             network_size(width, height, model.config)  # refuses extreme aspect ratios now, not later
             self.executor.admit(width, height)  # a photo its task's memory cannot hold
@@ -143,8 +144,9 @@ class Service:
     async def submit_batch(self, payloads: AsyncIterable[bytes], options: TaskOptions,
                            owner: str | None) -> BatchOutcome:
         """Each photo is submitted as it is read; a bad or refused one fails its own item
-        only. A batch none of whose items found room is refused whole (QueueFull)."""
-        self.require_ready()
+        only. A batch none of whose items found room is refused whole (QueueFull), and so
+        is one whose options the model cannot run (BadRequest)."""
+        options = options.for_model(self.require_ready().info)
         batch = BatchOutcome()
         async for payload in payloads:
             batch.items.append(self._submit_item(payload, options, owner))
