@@ -1,9 +1,9 @@
 """COCO run-length encoding of the engine's masks (`{"size": [h, w], "counts": "..."}`,
 the compressed string form pycocotools' `mask.decode` reads).
 
-Encoded from the mask's crop (engine/result.py `Mask`), never from a full-size array:
-the runs are found column by column inside the box, then placed in the photo's
-column-major pixel order. Both steps are whole-array numpy operations.
+Encoded from the mask's packed crop (engine/result.py `Mask`), never from a full-size
+array: the runs' ends are found inside the box, then placed in the photo's column-major
+pixel order. Both steps are whole-array numpy operations.
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ def run_lengths(mask: Mask, height: int, width: int) -> np.ndarray:
     total = height * width
     if mask.area == 0:
         return np.array([total], dtype=np.int64)
-    # one column of the crop per row, framed by a 0 on each side: a change marks where
-    # a run starts (0 -> 1) or where it has ended (1 -> 0)
-    framed = np.zeros((mask.width, mask.height + 2), dtype=bool)
-    framed[:, 1:-1] = mask.bits.T
-    column, row = np.nonzero(framed[:, 1:] != framed[:, :-1])
-    # nonzero walks column after column, so the boundaries come out in pixel order
-    boundaries = (column.astype(np.int64) + mask.x0) * height + mask.y0 + row
+    # the crop framed by an empty row above and below; a pixel that differs from the one
+    # above it is where a run (down its column) starts (0 -> 1) or has ended (1 -> 0).
+    # Compared on the packed rows, eight pixels a byte, then unpacked once.
+    framed = np.zeros((mask.height + 2, mask.packed.shape[1]), dtype=np.uint8)
+    framed[1:-1] = mask.packed
+    changes = np.unpackbits(framed[1:] ^ framed[:-1], axis=1, count=mask.width).view(bool)
+    # flatnonzero of a flat boolean array is an order of magnitude faster than 2-D nonzero
+    row, column = np.divmod(np.flatnonzero(changes), mask.width)
+    # into the photo's column-major pixel order (a sort of the run boundaries only)
+    boundaries = np.sort((column.astype(np.int64) + mask.x0) * height + mask.y0 + row)
     # a run that reaches the bottom of a column and one that starts at the top of the
     # next are one run in column-major order: drop the end and the start that meet
     meeting = boundaries[1:] == boundaries[:-1]
