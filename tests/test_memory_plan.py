@@ -47,7 +47,7 @@ with open("/proc/self/clear_refs", "w") as f:
 idle = status("VmRSS")
 decoded = parser.decode(payload)
 result = parser.parse(decoded)
-options = TaskOptions()
+options = TaskOptions().for_model(parser.info)
 render_outputs(result, decoded.image, options.outputs, options.overlay_alpha, parser.info)
 print(json.dumps({"work": status("VmHWM") - idle}))
 """

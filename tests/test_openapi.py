@@ -37,7 +37,7 @@ def test_every_operation_has_an_id_and_typed_errors(server):
                     schema = response["content"]["application/json"]["schema"]
                     assert schema["$ref"].endswith("/ErrorBody"), (method, path, status)
     assert len(ids) == len(set(ids))
-    assert {"submitParse", "getTask", "getMask", "deleteTask", "getModel"} <= set(ids)
+    assert {"submitParse", "getTask", "getMask", "getPersons", "deleteTask", "getModel"} <= set(ids)
 
 
 def test_generated_python_client_submits_polls_and_fetches(server, tmp_path):
@@ -53,6 +53,7 @@ def test_generated_python_client_submits_polls_and_fetches(server, tmp_path):
         submit = importlib.import_module("m2fp_api_client.api.tasks.submit_parse")
         get_task = importlib.import_module("m2fp_api_client.api.tasks.get_task")
         get_mask = importlib.import_module("m2fp_api_client.api.tasks.get_mask")
+        get_persons = importlib.import_module("m2fp_api_client.api.tasks.get_persons")
         get_model = importlib.import_module("m2fp_api_client.api.service.get_model")
         list_models = importlib.import_module("m2fp_api_client.api.service.list_models")
         models = importlib.import_module("m2fp_api_client.models")
@@ -65,8 +66,8 @@ def test_generated_python_client_submits_polls_and_fetches(server, tmp_path):
         assert listed.default == model.id and [m.id for m in listed.models] == [model.id]
         photo = (PARITY / "images" / "two_figures.png").read_bytes()
         body = models.BodySubmitParse(file=types.File(payload=photo, file_name="p.png",
-                                                      mime_type="image/png"), outputs="mask,parts",
-                                      model=listed.default)
+                                                      mime_type="image/png"),
+                                      outputs="mask,parts,persons", masks="rle", model=listed.default)
         response = submit.sync_detailed(client=client, body=body)
         assert response.status_code in (200, 202)
         task = response.parsed
@@ -78,6 +79,8 @@ def test_generated_python_client_submits_polls_and_fetches(server, tmp_path):
         assert task.result.image.width == 500 and task.result.parts
         png = get_mask.sync_detailed(task.id, client=client)
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+        persons = get_persons.sync_detailed(task.id, client=client)
+        assert persons.status_code == 200 and persons.content.startswith(b"\x89PNG")
         missing = get_task.sync_detailed("nope", client=client)
         assert missing.status_code == 404 and missing.parsed.error.code == "not_found"
     finally:

@@ -63,7 +63,7 @@ def test_cli_parse_writes_all_outputs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "stand-in" in proc.stderr  # the fixture's random weights are announced
     for stem in ("astronaut", "camera"):
-        for suffix in ("mask.png", "overlay.png", "labels.png"):
+        for suffix in ("mask.png", "overlay.png", "labels.png", "persons.png"):
             assert Image.open(out / f"{stem}.{suffix}").size == (512, 512)
         doc = json.loads((out / f"{stem}.parts.json").read_text())
         # the service's document, nothing more
@@ -72,6 +72,26 @@ def test_cli_parse_writes_all_outputs(tmp_path):
         assert doc["model"]["pretrained"] is False
         assert doc["image"] == {"width": 512, "height": 512}
         assert doc["parts"] and doc["persons"]
+
+
+def test_cli_parse_masks_rle_and_persons(tmp_path):
+    from test_masks import check_persons_png
+
+    photo = PARITY / "images" / "two_figures.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2fp_api.cli", "parse", str(photo), "--out", str(tmp_path),
+         "--model", str(PARITY / "tiny-multiple"), "--outputs", "parts,persons", "--masks", "rle"],
+        capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "two_figures.parts.json").read_text())
+    assert doc["persons"] and all("mask" in p for p in doc["parts"] + doc["persons"])
+    check_persons_png((tmp_path / "two_figures.persons.png").read_bytes(), doc)
+    # a single-person model has no persons to write: refused, as by the service
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2fp_api.cli", "parse", str(photo), "--out", str(tmp_path / "single"),
+         "--model", str(PARITY / "tiny-single"), "--outputs", "persons"],
+        capture_output=True, text=True)
+    assert proc.returncode == 2 and "persons" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_parse_reports_bad_files_and_continues(tmp_path):

@@ -17,6 +17,7 @@ from conftest import PARITY
 from m2fp_api.api.app import WEB
 from photos import big_jpeg, jpeg
 from server import DEPLOYMENTS, Deployment, Server
+from test_masks import check_persons_png, decode as decode_rle
 
 PHOTO = (PARITY / "images" / "two_figures.png").read_bytes()
 
@@ -91,6 +92,36 @@ def test_identical_submissions_are_deduplicated(server):
     assert other_options["id"] != first["id"] and other_options["cached"] is False
 
 
+def test_masks_for_programs_rle_and_persons_png(server):
+    """masks=rle: parts.json carries every mask as COCO RLE; persons.png's ids are its
+    person ids (+ 1); the Task's result stays without masks."""
+    r = server.submit(PHOTO, name="p.png", wait=30, outputs="parts,persons", masks="rle")
+    assert r.status_code == 200, r.text
+    task = r.json()
+    assert task["status"] == "succeeded" and task["result"]["persons"]
+    assert all("mask" not in p for p in task["result"]["parts"] + task["result"]["persons"])
+    parts_json = server.client.get(task["links"]["parts"]).json()
+    for item in parts_json["parts"] + parts_json["persons"]:
+        decoded = decode_rle(item["mask"])
+        assert decoded.shape == (300, 500) and int(decoded.sum()) == item["area"]
+        ys, xs = np.nonzero(decoded)
+        assert item["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    persons = server.client.get(task["links"]["persons"])
+    assert persons.headers["content-type"] == "image/png"
+    check_persons_png(persons.content, parts_json)
+    # masks is a task option: the same photo without it is other work, and has none
+    plain = server.submit(PHOTO, name="p.png", wait=30, outputs="parts,persons").json()
+    assert plain["cached"] is False
+    assert all("mask" not in p for p in server.client.get(plain["links"]["parts"]).json()["parts"])
+    batch = server.client.post("/v1/batch", files=[("files", ("p.png", PHOTO, "image/png"))],
+                               data={"outputs": "parts", "masks": "rle"}).json()["tasks"]
+    done = server.wait_status(batch[0]["id"])
+    assert "mask" in server.client.get(done["links"]["parts"]).json()["parts"][0]
+    for form in ({"masks": "png"}, {"masks": "rle", "outputs": "mask"}):
+        r = server.submit(PHOTO, name="p.png", **form)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", (form, r.text)
+
+
 def test_batch_fails_bad_items_only(server):
     files = [("files", ("a.jpg", jpeg(160, 120, seed=13), "image/jpeg")),
              ("files", ("b.txt", b"not an image", "text/plain")),
@@ -145,7 +176,8 @@ def test_service_endpoints(server):
     assert 0 < model["rss_bytes"] < model["memory_budget_bytes"]
     assert [(o["name"], o["file_name"], o["media_type"]) for o in model["outputs"]] == [
         ("mask", "mask.png", "image/png"), ("overlay", "overlay.png", "image/png"),
-        ("labels", "labels.png", "image/png"), ("parts", "parts.json", "application/json")]
+        ("labels", "labels.png", "image/png"), ("parts", "parts.json", "application/json"),
+        ("persons", "persons.png", "image/png")]
     assert all(o["title"] for o in model["outputs"])
     labels = server.client.get("/v1/labels").json()
     assert labels[0]["name"] == "Background" and len(labels) == 20

@@ -199,7 +199,8 @@ def test_download_links_are_the_outputs_the_service_lists(page):
     links = card.locator(".downloads a")
     got = [(a.get_attribute("class"), a.inner_text(), a.get_attribute("download"), a.get_attribute("title"))
            for a in links.all()]
-    assert [g[:3] for g in got] == [("dl-parts", "parts JSON", "two_figures.parts.json"),
+    assert [g[:3] for g in got] == [("dl-persons", "persons PNG", "two_figures.persons.png"),
+                                    ("dl-parts", "parts JSON", "two_figures.parts.json"),
                                     ("dl-labels", "labels PNG", "two_figures.labels.png"),
                                     ("dl-mask", "mask PNG", "two_figures.mask.png")]
     assert all(title.endswith("(listed)") for *_, title in got)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .outputs import OUTPUT_NAMES
 from .engine.backends import BACKENDS
+from .result_json import MaskFormat
 
 
 def _parser_from_args(args, **overrides):
@@ -29,16 +30,22 @@ def cmd_parse(args) -> int:
 
     from .errors import M2FPError
     from .outputs import output_named, render_outputs
+    from .tasks.task import TaskOptions
 
     parser = _parser_from_args(args)
     if not parser.info.pretrained:
         print(f"note: model {parser.info.id!r} is a stand-in with random weights "
               f"(pretrained: false); its output is not a real parse.", file=sys.stderr)
-    outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
-    unknown = set(outputs) - set(OUTPUT_NAMES)
+    outputs = None if args.outputs is None else tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+    unknown = set(outputs or ()) - set(OUTPUT_NAMES)
     if unknown:
         print(f"error: unknown outputs {sorted(unknown)}; choose from {','.join(OUTPUT_NAMES)}",
               file=sys.stderr)
+        return 2
+    try:  # the service's rules for what a model can write
+        options = TaskOptions(outputs, args.alpha, MaskFormat(args.masks)).for_model(parser.info)
+    except M2FPError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
         return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +60,8 @@ def cmd_parse(args) -> int:
                        file=sys.stderr)
             continue
         stem = out_dir / Path(photo).stem
-        files, _ = render_outputs(result, decoded.image, outputs, args.alpha, parser.info)
+        files, _ = render_outputs(result, decoded.image, options.outputs, options.overlay_alpha, parser.info,
+                                  options.masks)
         for name, data in files.items():
             Path(f"{stem}.{output_named(name).file_name}").write_bytes(data)
         if not args.quiet and len(args.photos) < 2:
@@ -147,7 +155,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="output directory (default: ./out)")
     p.add_argument("--model", help="hub id, model directory or 'demo' (default: M2FP_MODEL)")
     p.add_argument("--backend", choices=BACKENDS)
-    p.add_argument("--outputs", default=",".join(OUTPUT_NAMES), help="comma list of " + ",".join(OUTPUT_NAMES))
+    p.add_argument("--outputs", help="comma list of " + ",".join(OUTPUT_NAMES)
+                   + " (default: all the model writes; persons needs a multi-person model)")
+    p.add_argument("--masks", choices=[f.value for f in MaskFormat], default=MaskFormat.none.value,
+                   help="rle: parts.json carries each part's and person's mask as COCO RLE")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_parse)

@@ -97,6 +97,23 @@ def labels_png(result: ParseResult) -> bytes:
     return encode_png(result.class_map)
 
 
+def person_map(result: ParseResult) -> np.ndarray:
+    """(H, W): person_id + 1 where a person is, 0 elsewhere (8-bit, 16-bit past 255
+    persons). Where persons overlap the higher-scoring one wins (on a tie, the lower id),
+    as in a part's assignment to the person that overlaps it most."""
+    dtype = np.uint8 if len(result.persons) < 256 else np.uint16
+    out = np.zeros((result.height, result.width), dtype=dtype)
+    for person in sorted(result.persons, key=lambda p: (p.score, -p.person_id)):  # winners last
+        mask = person.mask
+        out[mask.y0:mask.y0 + mask.height, mask.x0:mask.x0 + mask.width][mask.bits] = person.person_id + 1
+    return out
+
+
+def persons_png(result: ParseResult) -> bytes:
+    """One channel, pixel value = person_id + 1 (0 = no person)."""
+    return encode_png(person_map(result))
+
+
 def overlay_png(result: ParseResult, photo: Image.Image, alpha: float) -> bytes:
     """The part map over the photo, at the photo's full size (a photo decoded at a
     reduced scale is brought back to it).

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 from pydantic import BaseModel, Field
 
+from . import coco_rle
 from .engine import ModelInfo
 from .engine.result import ParseResult
+
+
+class MaskFormat(str, Enum):
+    """How `parts.json` carries each part's and person's mask: not at all (the Task's
+    result as it is), or as COCO RLE under `mask`."""
+
+    none = "none"
+    rle = "rle"
 
 
 class ImageSize(BaseModel):
@@ -65,3 +76,15 @@ class ParseResultOut(BaseModel):
         return cls(image=ImageSize(width=result.width, height=result.height), model=model,
                    parts=parts, persons=persons,
                    timings_ms={k: round(v, 2) for k, v in result.timings_ms.items()})
+
+
+def with_masks(document: dict, result: ParseResult) -> dict:
+    """The ParseResult JSON with each part's and person's mask as COCO RLE (`mask`), at
+    the photo's size. Only `parts.json` carries them: the Task's result, sent on every
+    poll and event, stays as it is."""
+    height, width = result.height, result.width
+    parts = [{**out, "mask": coco_rle.encode(part.mask, height, width)}
+             for out, part in zip(document["parts"], result.parts)]
+    persons = [{**out, "mask": coco_rle.encode(person.mask, height, width)}
+               for out, person in zip(document["persons"], result.persons)]
+    return {**document, "parts": parts, "persons": persons}

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import render
 from ..errors import BadRequest
 from ..outputs import OUTPUT_NAMES, OUTPUTS, Output
+from ..result_json import MaskFormat
 from ..tasks.memory_plan import MB
 from ..tasks.service import TaskView
 from ..tasks.task import Holding, TaskOptions
@@ -55,9 +56,9 @@ ops = APIRouter()
 MODEL_FIELD = "id of the model to run on, as `GET /v1/models` lists them (default: the first)"
 
 
-def parse_options(outputs: str | None, overlay_alpha: float | None, wait: float | None,
-                  model: str | None) -> tuple[TaskOptions, float]:
-    names = OUTPUT_NAMES
+def parse_options(outputs: str | None, overlay_alpha: float | None, masks: str | None,
+                  wait: float | None, model: str | None) -> tuple[TaskOptions, float]:
+    names = None  # the model's default outputs, filled in by the service core
     if outputs is not None:
         names = tuple(dict.fromkeys(o.strip() for o in outputs.split(",") if o.strip()))
         unknown = [n for n in names if n not in OUTPUT_NAMES]
@@ -66,11 +67,22 @@ def parse_options(outputs: str | None, overlay_alpha: float | None, wait: float 
     alpha = 0.5 if overlay_alpha is None else overlay_alpha
     if not 0.0 <= alpha <= 1.0:
         raise BadRequest("overlay_alpha must be between 0 and 1.")
+    mask_format = MaskFormat.none
+    if masks is not None:
+        try:
+            mask_format = MaskFormat(masks.strip())
+        except ValueError:
+            raise BadRequest(f"masks must be one of {','.join(f.value for f in MaskFormat)}.") from None
     wait_s = 0.0 if wait is None else wait
     if not 0.0 <= wait_s <= MAX_WAIT_S:
         raise BadRequest(f"wait must be between 0 and {MAX_WAIT_S:.0f} seconds.")
     # an unknown model is the core's to refuse (`unknown_model`): it knows what is loaded
-    return TaskOptions(outputs=names, overlay_alpha=alpha, model=model or None), wait_s
+    return TaskOptions(outputs=names, overlay_alpha=alpha, masks=mask_format, model=model or None), wait_s
+
+
+OUTPUTS_FIELD = (f"comma list of {','.join(OUTPUT_NAMES)} (default: all the model writes; "
+                 "persons needs a multi-person model)")
+MASKS_FIELD = "rle: parts.json carries each part's and person's mask as COCO RLE (default: none)"
 
 
 # -- submission -----------------------------------------------------------------------
@@ -96,12 +108,13 @@ async def submit_parse(
     service: ServiceDep,
     owner: OwnerDep,
     file: Annotated[UploadFile, File(description="JPEG, PNG or WebP photo", json_schema_extra=BINARY)],
-    outputs: Annotated[str | None, Form(description="comma list of mask,overlay,labels,parts (default: all)")] = None,
+    outputs: Annotated[str | None, Form(description=OUTPUTS_FIELD)] = None,
     overlay_alpha: Annotated[float | None, Form(description="overlay opacity 0..1 (default 0.5)")] = None,
+    masks: Annotated[str | None, Form(description=MASKS_FIELD)] = None,
     wait: Annotated[float | None, Form(description="seconds (0..60) to wait for the result")] = None,
     model: Annotated[str | None, Form(description=MODEL_FIELD)] = None,
 ):
-    options, wait_s = parse_options(outputs, overlay_alpha, wait, model)
+    options, wait_s = parse_options(outputs, overlay_alpha, masks, wait, model)
     payload = await read_single_upload(request, file)
     held = service.submit(payload, options, owner)
     if wait_s > 0:
@@ -122,11 +135,12 @@ async def submit_batch(
     owner: OwnerDep,
     files: Annotated[list[UploadFile], File(description="JPEG, PNG or WebP photos",
                                             json_schema_extra={"items": {"type": "string", **BINARY}})],
-    outputs: Annotated[str | None, Form()] = None,
-    overlay_alpha: Annotated[float | None, Form()] = None,
+    outputs: Annotated[str | None, Form(description=OUTPUTS_FIELD)] = None,
+    overlay_alpha: Annotated[float | None, Form(description="overlay opacity 0..1 (default 0.5)")] = None,
+    masks: Annotated[str | None, Form(description=MASKS_FIELD)] = None,
     model: Annotated[str | None, Form(description=MODEL_FIELD)] = None,
 ):
-    options, _ = parse_options(outputs, overlay_alpha, None, model)
+    options, _ = parse_options(outputs, overlay_alpha, masks, None, model)
 
     async def payloads():  # read one at a time, as the core takes them
         for upload in files:
@@ -230,7 +244,7 @@ async def get_model(service: ServiceDep) -> ModelInfoOut:
                         memory_budget_bytes=service.settings.memory_budget_mb * MB,
                         max_upload_bytes=int(service.settings.max_upload_mb * MB),
                         max_pixels=service.settings.max_pixels,
-                        outputs=[OutputOut.of(output) for output in OUTPUTS])
+                        outputs=[OutputOut.of(output) for output in OUTPUTS if output.available(info)])
 
 
 @ops.get("/healthz", tags=["service"], operation_id="health", response_model=Health, summary="Alive")

@@ -147,7 +147,8 @@ class ModelInfoOut(ModelFacts):
     memory_budget_bytes: int
     max_upload_bytes: int = Field(description="largest request body accepted")
     max_pixels: int = Field(description="largest photo accepted, in pixels")
-    outputs: list[OutputOut] = Field(description="what a task can produce, each at /v1/tasks/{id}/{file_name}")
+    outputs: list[OutputOut] = Field(description="what a task on this model can produce, each at "
+                                                 "/v1/tasks/{id}/{file_name}")
 
 
 class Health(BaseModel):

@@ -59,7 +59,7 @@ def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes
         on_stage(Stage.rendering.value, RENDER_PROGRESS)
         t0 = time.perf_counter()
         outputs, doc = render_outputs(result, decoded.image, options.outputs, options.overlay_alpha,
-                                      parser.info)
+                                      parser.info, options.masks)
         doc["timings_ms"]["rendering"] = round((time.perf_counter() - t0) * 1000, 2)
         check()
         store.put_outputs(task_id, outputs)

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..engine.images import probe_image
 from ..engine.preprocess import network_size
@@ -125,7 +125,7 @@ class Service:
         some (shared, under a handle of its own), else new work on the queue."""
         try:
             model = self.require_ready(options.model)
-            options = replace(options, model=model.info.id)  # the default, named: stored and run as such
+            options = options.for_model(model.info)  # the default model named: stored and run as such
             _, width, height = probe_image(payload, model.limits)
             network_size(width, height, model.config)  # refuses extreme aspect ratios now, not later
             self.executor.admit(width, height)  # a photo its task's memory cannot hold
@@ -151,8 +151,9 @@ class Service:
                            owner: str | None) -> BatchOutcome:
         """Each photo is submitted as it is read; a bad or refused one fails its own item
         only. A batch none of whose items found room is refused whole (QueueFull), and so is
-        one for a model this service has not loaded (UnknownModel)."""
-        self.require_ready(options.model)
+        one for a model this service has not loaded (UnknownModel) or whose options the model
+        cannot run (BadRequest)."""
+        options = options.for_model(self.require_ready(options.model).info)
         batch = BatchOutcome()
         async for payload in payloads:
             batch.items.append(self._submit_item(payload, options, owner))

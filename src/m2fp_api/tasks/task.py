@@ -10,7 +10,10 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from ..outputs import OUTPUT_NAMES
+from ..engine import ModelInfo
+from ..errors import BadRequest
+from ..outputs import default_outputs, unavailable_outputs
+from ..result_json import MaskFormat
 
 
 class TaskStatus(str, Enum):
@@ -37,18 +40,34 @@ class Stage(str, Enum):
 
 @dataclass(frozen=True)
 class TaskOptions:
-    outputs: tuple[str, ...] = OUTPUT_NAMES
+    # None until submission fills in what the model writes by default (`for_model`)
+    outputs: tuple[str, ...] | None = None
     overlay_alpha: float = 0.5
+    masks: MaskFormat = MaskFormat.none
     # the id of the model to run on; None (as a request leaves it) is the service's
     # default, which the service core names before the task is stored or run
     model: str | None = None
 
+    def for_model(self, model: ModelInfo) -> "TaskOptions":
+        """These options as `model` runs them: the model named, the default outputs filled
+        in; BadRequest for an output it cannot write or masks nothing would carry."""
+        outputs = default_outputs(model) if self.outputs is None else self.outputs
+        unavailable = unavailable_outputs(outputs, model)
+        if unavailable:
+            raise BadRequest(f"{', '.join(unavailable)}: not available from the single-person "
+                             f"model {model.id}.")
+        if self.masks is not MaskFormat.none and "parts" not in outputs:
+            raise BadRequest("masks go into parts.json: ask for the `parts` output too.")
+        return replace(self, outputs=outputs, model=model.id)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"outputs": list(self.outputs), "overlay_alpha": self.overlay_alpha, "model": self.model}
+        return {"outputs": list(self.outputs), "overlay_alpha": self.overlay_alpha, "masks": self.masks.value,
+                "model": self.model}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskOptions":
-        return cls(outputs=tuple(d["outputs"]), overlay_alpha=float(d["overlay_alpha"]), model=d["model"])
+        return cls(outputs=tuple(d["outputs"]), overlay_alpha=float(d["overlay_alpha"]),
+                   masks=MaskFormat(d["masks"]), model=d["model"])
 
 
 def content_key(payload: bytes, options: TaskOptions, owner: str | None) -> str:
@@ -57,8 +76,8 @@ def content_key(payload: bytes, options: TaskOptions, owner: str | None) -> str:
     owner (API key) is part of the key: sharing work across keys would tell one key's
     clients, by a `cached: true`, what another key's clients have uploaded."""
     digest = hashlib.sha256(payload)
-    digest.update(repr((sorted(options.outputs), round(options.overlay_alpha, 4), options.model,
-                        owner)).encode())
+    digest.update(repr((sorted(options.outputs), round(options.overlay_alpha, 4), options.masks.value,
+                        options.model, owner)).encode())
     return digest.hexdigest()
 
 
