@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
 
 from .outputs import OUTPUT_NAMES
 from .engine.backends import BACKENDS
+
+# the key `m2fp parse --server` sends (M2FP_API_KEY is the service's own list of keys)
+CLIENT_API_KEY_ENV = "M2FP_CLIENT_API_KEY"
 
 
 def _parser_from_args(args, **overrides):
@@ -24,7 +28,21 @@ def _parser_from_args(args, **overrides):
     return HumanParser.from_settings(Settings(compile=False, **overrides))
 
 
+def _requested_outputs(args) -> list[str] | None:
+    """The `--outputs` asked for, or None (and the error said) when one is unknown."""
+    outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
+    unknown = set(outputs) - set(OUTPUT_NAMES)
+    if unknown:
+        print(f"error: unknown outputs {sorted(unknown)}; choose from {','.join(OUTPUT_NAMES)}",
+              file=sys.stderr)
+        return None
+    return outputs
+
+
 def cmd_parse(args) -> int:
+    if args.server:
+        return cmd_parse_remote(args)
+
     from tqdm import tqdm
 
     from .errors import M2FPError
@@ -34,11 +52,8 @@ def cmd_parse(args) -> int:
     if not parser.info.pretrained:
         print(f"note: model {parser.info.id!r} is a stand-in with random weights "
               f"(pretrained: false); its output is not a real parse.", file=sys.stderr)
-    outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
-    unknown = set(outputs) - set(OUTPUT_NAMES)
-    if unknown:
-        print(f"error: unknown outputs {sorted(unknown)}; choose from {','.join(OUTPUT_NAMES)}",
-              file=sys.stderr)
+    outputs = _requested_outputs(args)
+    if outputs is None:
         return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,6 +74,20 @@ def cmd_parse(args) -> int:
         if not args.quiet and len(args.photos) < 2:
             print(f"{photo}: {len(result.parts)} parts, {len(result.persons)} persons -> {stem}.*")
     return 1 if failures else 0
+
+
+def cmd_parse_remote(args) -> int:
+    from .client import RemoteParse, parse_remote
+
+    if args.model or args.backend:
+        print("error: --model and --backend choose a local model; the service parses with its own",
+              file=sys.stderr)
+        return 2
+    outputs = _requested_outputs(args)
+    if outputs is None:
+        return 2
+    job = RemoteParse(outputs=tuple(outputs), overlay_alpha=args.alpha, retries=args.retries)
+    return parse_remote(args.server.rstrip("/"), args.api_key, args.photos, Path(args.out), job, args.quiet)
 
 
 def cmd_info(args) -> int:
@@ -148,6 +177,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default=",".join(OUTPUT_NAMES), help="comma list of " + ",".join(OUTPUT_NAMES))
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--server", metavar="URL",
+                   help="send the photos to the m2fp service at URL instead of parsing here "
+                        "(a re-run answers from the tasks of the first: nothing is parsed twice)")
+    p.add_argument("--api-key", default=os.environ.get(CLIENT_API_KEY_ENV),
+                   help=f"the service's API key, if it needs one (default: ${CLIENT_API_KEY_ENV})")
+    p.add_argument("--retries", type=int, default=10,
+                   help="with --server: how often a request refused for a while (503 with "
+                        "Retry-After) or cut off is tried again (default: 10)")
     p.set_defaults(func=cmd_parse)
 
     p = sub.add_parser("info", help="print the model and runtime")
