@@ -305,3 +305,17 @@ def test_a_batch_key_stands_for_each_item_by_position(core):
     with pytest.raises(IdempotencyKeyReused):
         asyncio.run(core.submit_batch(each(PHOTO, PHOTO), OPTIONS, None, idempotency_key="b"))
     assert core.executor.depth() == 1
+
+
+def test_an_idempotency_key_holds_across_services_sharing_a_redis(shared_redis, multiple_parser):
+    """Two API processes in cluster mode: each with its own RedisStore, on one Redis."""
+    from m2fp_api.tasks.redis_store import RedisStore
+
+    a, b = (RedisStore(shared_redis.url, ttl_s=60, max_finished=100, unfinished_ttl_s=60) for _ in range(2))
+    a.redis.flushdb()
+    first, second = (Service(Settings(), store, HeldExecutor(store, multiple_parser)) for store in (a, b))
+    held = first.submit(PHOTO, OPTIONS, "alice", idempotency_key="k")
+    again = second.submit(PHOTO, OPTIONS, "alice", idempotency_key="k")
+    assert again.replayed and again.handle.id == held.handle.id and second.executor.depth() == 0
+    with pytest.raises(IdempotencyKeyReused):
+        second.submit(PHOTO, TaskOptions(outputs=("labels",)), "alice", idempotency_key="k")
