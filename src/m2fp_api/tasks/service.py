@@ -146,7 +146,7 @@ class Service:
                 return self._hold_work(payload, options, owner, key, task_id)
             except (M2FPError, StoreUnavailable):
                 if scope is not None:
-                    self.store.unclaim(scope, task_id)  # nothing was created: a retry may
+                    self.store.unclaim(scope, task_id)  # nothing was created: the key is free for a retry
                 raise
         except M2FPError as exc:
             self.metrics.rejected.labels(code=exc.code).inc()
@@ -192,11 +192,10 @@ class Service:
         (`idempotency_key_reused`), and the batch whole when every item does."""
         self.require_ready()
         batch = BatchOutcome()
-        index = 0
         async for payload in payloads:
-            scope = None if idempotency_key is None else idempotency_scope(idempotency_key, owner, index)
+            scope = (None if idempotency_key is None
+                     else idempotency_scope(idempotency_key, owner, item=len(batch.items)))
             batch.items.append(self._submit_item(payload, options, owner, scope))
-            index += 1
         batch.raise_if_nothing_fits()
         batch.raise_if_key_reused()
         return batch
