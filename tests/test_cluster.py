@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from photos import big_jpeg, jpeg
 from server import Server, Worker, needs_redis
@@ -91,14 +92,25 @@ def test_two_apis_and_two_workers_share_one_redis(tmp_path, redis):
         again = b.submit(jpeg(200, 150, seed=40), wait=30).json()
         assert again["id"] != tasks[0]["id"] and again["cached"] is True
         assert a.client.get(again["links"]["mask"]).content == a.client.get(f"/v1/tasks/{tasks[0]['id']}/mask.png").content
+        # an Idempotency-Key holds across APIs, also for requests racing through both
+        for round_ in range(3):
+            photo, key = jpeg(200, 150, seed=60 + round_), {"Idempotency-Key": f"across-{round_}"}
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda api: api.client.post(
+                    "/v1/parse", files={"file": ("p.jpg", photo)}, headers=key), (a, b, a, b)))
+            accepted = [r for r in answers if r.status_code in (200, 202)]
+            assert all(r.status_code == 409 for r in answers if r not in accepted), [r.text for r in answers]
+            assert accepted and len({r.json()["id"] for r in accepted}) == 1
+            assert sum(r.headers.get("idempotent-replayed") != "true" for r in accepted) <= 1
+            b.wait_status(accepted[0].json()["id"])
         # unknown ids are unknown everywhere (Celery's PENDING for unknown ids is not trusted)
         assert b.client.get("/v1/tasks/0123456789abcdef").status_code == 404
         # /metrics counts the workers' runs, each once over the API processes (the cached
-        # submission did not run)
-        wait_counted([a, b], "m2fp_tasks_total", 4, status="succeeded")
-        wait_counted([a, b], "m2fp_stage_seconds_count", 4, stage="inference")
+        # submission and the replays did not run)
+        wait_counted([a, b], "m2fp_tasks_total", 4 + 3, status="succeeded")
+        wait_counted([a, b], "m2fp_stage_seconds_count", 4 + 3, stage="inference")
         time.sleep(1.0)  # two more collections: nothing is counted twice
-        wait_counted([a, b], "m2fp_tasks_total", 4, timeout=0, status="succeeded")
+        wait_counted([a, b], "m2fp_tasks_total", 4 + 3, timeout=0, status="succeeded")
         assert sum(s.metric("m2fp_stage_seconds_sum", stage="postprocessing") for s in (a, b)) > 0
     finally:
         a.stop()

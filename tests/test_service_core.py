@@ -1,26 +1,30 @@
 """The service core's contract without HTTP: the same cases over the in-memory store and
 the Redis one (a real redis-server), through `Service` with an executor the test drives
 (a queued task runs when the test says so, on the tiny model). Admission, de-duplication,
-cancellation, outputs, results not ready yet, batches, waiting and watching, and the
-roll-back of work the executor would not take."""
+cancellation, outputs, results not ready yet, batches, waiting and watching, the
+roll-back of work the executor would not take, and Idempotency-Key retries."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import PARITY
 from photos import jpeg
 
-from m2fp_api.errors import (Draining, ImageTooSmall, NotFound, NotLoaded, QueueFull, ResultNotReady, StoreUnavailable,
-                             UnknownModel, UnsupportedMediaType)
+from m2fp_api.errors import (Draining, IdempotencyKeyInProgress, IdempotencyKeyReused, ImageTooSmall, NotFound,
+                             NotLoaded, QueueFull, ResultNotReady, StoreUnavailable, UnknownModel,
+                             UnsupportedMediaType)
 from m2fp_api.settings import Settings
 from m2fp_api.tasks.model_card import ModelCard
 from m2fp_api.tasks.run import run_task
 from m2fp_api.tasks.service import Service
-from m2fp_api.tasks.task import Holding, Refusal, TaskOptions, TaskStatus
+from m2fp_api.tasks.store import CLAIM_GRACE_S
+from m2fp_api.tasks.task import Holding, IdempotencyClaim, Refusal, TaskOptions, TaskStatus, idempotency_scope
 
 PHOTO = jpeg(96, 64, seed=1)
 OPTIONS = TaskOptions(outputs=("mask", "parts"))
@@ -271,3 +275,87 @@ def test_a_model_not_loaded_is_refused_before_anything_is_stored(two_models):
     with pytest.raises(UnknownModel):
         asyncio.run(core.submit_batch(each(PHOTO), unknown, None))
     assert core.executor.depth() == 0 and rejected(core, "unknown_model") == 1
+
+
+def test_a_retry_with_its_idempotency_key_answers_the_first_task(core):
+    first = core.submit(PHOTO, OPTIONS, "alice", idempotency_key="order-1")
+    again = core.submit(PHOTO, OPTIONS, "alice", idempotency_key="order-1")
+    assert again.replayed and not first.replayed
+    assert again.handle.id == first.handle.id and core.executor.depth() == 1
+    assert core.metrics.registry.get_sample_value("m2fp_replays_total") == 1
+    # another owner's key of the same name is another key: its own task (sharing the work
+    # only as any identical submission of that owner would)
+    bobs = core.submit(PHOTO, OPTIONS, "bob", idempotency_key="order-1")
+    assert not bobs.replayed and bobs.handle.id != first.handle.id
+    # other options, or another photo, under a used key: refused, nothing created
+    with pytest.raises(IdempotencyKeyReused) as reused:
+        core.submit(PHOTO, TaskOptions(outputs=("labels",)), "alice", idempotency_key="order-1")
+    assert (reused.value.status, reused.value.code) == (422, "idempotency_key_reused")
+    with pytest.raises(IdempotencyKeyReused):
+        core.submit(jpeg(96, 64, seed=2), OPTIONS, "alice", idempotency_key="order-1")
+    assert core.executor.depth() == 2
+    core.executor.run_next()
+    done = core.submit(PHOTO, OPTIONS, "alice", idempotency_key="order-1")
+    assert done.replayed and done.handle.id == first.handle.id and done.work.status is TaskStatus.succeeded
+
+
+def test_an_idempotency_key_lives_as_long_as_its_task(core):
+    first = core.submit(PHOTO, OPTIONS, None, idempotency_key="k")
+    core.executor.run_next()
+    core.cancel(first.handle.id, None)  # the finished task is forgotten, and its key with it
+    with pytest.raises(IdempotencyKeyInProgress):  # within the grace of a claim still being served
+        core.submit(PHOTO, OPTIONS, None, idempotency_key="k")
+    stale = IdempotencyClaim(handle_id=first.handle.id, content_key="x", at=time.time() - CLAIM_GRACE_S - 1)
+    scope = idempotency_scope("k", None)
+    core.store.unclaim(scope, first.handle.id)
+    assert core.store.claim(scope, stale) is None
+    again = core.submit(jpeg(96, 64, seed=2), OPTIONS, None, idempotency_key="k")  # free again: any request
+    assert not again.replayed and again.handle.id != first.handle.id
+
+
+def test_a_key_refused_work_frees_and_a_claim_is_taken_once(core):
+    core.executor.refusal = QueueFull("The queue is full; retry later.", RETRY_AFTER_S)
+    with pytest.raises(QueueFull):
+        core.submit(PHOTO, OPTIONS, None, idempotency_key="k")
+    core.executor.refusal = None
+    held = core.submit(PHOTO, OPTIONS, None, idempotency_key="k")  # the retry creates the work
+    assert not held.replayed and core.executor.depth() == 1
+    # two racing claims of one key: one takes it, the other is told who holds it
+    scope = idempotency_scope("race", None)
+    claims = [IdempotencyClaim(handle_id=f"h{i}", content_key="c") for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda c: core.store.claim(scope, c), claims))
+    winners = [c for c, answer in zip(claims, answers) if answer is None]
+    assert len(winners) == 1 and all(a == winners[0] for a in answers if a is not None)
+
+
+def test_a_batch_key_stands_for_each_item_by_position(core):
+    core.executor.queue_size = 1
+    photos = [jpeg(96, 64, seed=10 + i) for i in range(2)]
+    first = asyncio.run(core.submit_batch(each(*photos), OPTIONS, None, idempotency_key="b"))
+    assert [type(i) for i in first.items] == [Holding, Refusal] and first.items[1].code == "queue_full"
+    core.executor.run_next()
+    retry = asyncio.run(core.submit_batch(each(*photos), OPTIONS, None, idempotency_key="b"))
+    accepted, resubmitted = retry.items
+    assert accepted.replayed and accepted.handle.id == first.items[0].handle.id
+    assert isinstance(resubmitted, Holding) and not resubmitted.replayed and core.executor.depth() == 1
+    # one item changed: that item fails alone; all changed: the batch is refused
+    mixed = asyncio.run(core.submit_batch(each(photos[0], PHOTO), OPTIONS, None, idempotency_key="b"))
+    assert mixed.items[0].replayed and mixed.items[1].code == "idempotency_key_reused"
+    with pytest.raises(IdempotencyKeyReused):
+        asyncio.run(core.submit_batch(each(PHOTO, PHOTO), OPTIONS, None, idempotency_key="b"))
+    assert core.executor.depth() == 1
+
+
+def test_an_idempotency_key_holds_across_services_sharing_a_redis(shared_redis, multiple_parser):
+    """Two API processes in cluster mode: each with its own RedisStore, on one Redis."""
+    from m2fp_api.tasks.redis_store import RedisStore
+
+    a, b = (RedisStore(shared_redis.url, ttl_s=60, max_finished=100, unfinished_ttl_s=60) for _ in range(2))
+    a.redis.flushdb()
+    first, second = (Service(Settings(), store, HeldExecutor(store, multiple_parser)) for store in (a, b))
+    held = first.submit(PHOTO, OPTIONS, "alice", idempotency_key="k")
+    again = second.submit(PHOTO, OPTIONS, "alice", idempotency_key="k")
+    assert again.replayed and again.handle.id == held.handle.id and second.executor.depth() == 0
+    with pytest.raises(IdempotencyKeyReused):
+        second.submit(PHOTO, TaskOptions(outputs=("labels",)), "alice", idempotency_key="k")

@@ -8,7 +8,9 @@ from __future__ import annotations
 import io
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -136,6 +138,57 @@ def test_batch_fails_bad_items_only(server):
     assert server.client.get(f"/v1/tasks/{tasks[1]['id']}").status_code == 404
     for t in (tasks[0], tasks[2]):
         assert server.wait_status(t["id"])["status"] == "succeeded"
+
+
+def test_an_idempotency_key_makes_a_retry_answer_the_first_task(server):
+    photo = jpeg(160, 120, seed=31)
+    key = {"Idempotency-Key": f"retry-{server.port}"}
+    first = server.client.post("/v1/parse", files={"file": ("p.jpg", photo)}, data={"outputs": "parts"},
+                               headers=key)
+    assert first.status_code == 202, first.text
+    again = server.client.post("/v1/parse", files={"file": ("p.jpg", photo)}, data={"outputs": "parts"},
+                               headers=key)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"] and again.headers["location"] == first.headers["location"]
+    other = server.client.post("/v1/parse", files={"file": ("p.jpg", photo)}, data={"outputs": "mask"},
+                               headers=key)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+    server.wait_status(first.json()["id"])
+    for bad in ("", "x" * 256, "tab\there", "clé".encode()):
+        r = server.client.post("/v1/parse", files={"file": ("p.jpg", photo)}, headers={"Idempotency-Key": bad})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", (bad, r.text)
+
+
+def test_concurrent_requests_with_one_key_create_one_task(server):
+    photo = jpeg(160, 120, seed=32)
+    key = {"Idempotency-Key": f"race-{server.port}"}
+
+    def send(_) -> httpx.Response:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            return client.post("/v1/parse", files={"file": ("p.jpg", photo)}, data={"outputs": "labels"},
+                               headers=key)
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(send, range(6)))
+    accepted = [r for r in answers if r.status_code in (200, 202)]
+    assert all(r.status_code == 409 and r.headers["retry-after"] for r in answers if r not in accepted)
+    assert accepted and len({r.json()["id"] for r in accepted}) == 1
+    assert sum(not r.json()["cached"] and r.status_code == 202 for r in accepted) <= 1
+    server.wait_status(accepted[0].json()["id"])
+
+
+def test_a_batch_retried_with_its_key_answers_the_same_tasks(server):
+    files = [("files", (f"{i}.jpg", jpeg(128, 96, seed=40 + i))) for i in range(2)]
+    key = {"Idempotency-Key": f"batch-{server.port}"}
+    first = server.client.post("/v1/batch", files=files, data={"outputs": "labels"}, headers=key)
+    assert first.status_code == 202, first.text
+    again = server.client.post("/v1/batch", files=files, data={"outputs": "labels"}, headers=key)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert [t["id"] for t in again.json()["tasks"]] == [t["id"] for t in first.json()["tasks"]]
+    swapped = server.client.post("/v1/batch", files=files[::-1], data={"outputs": "labels"}, headers=key)
+    assert swapped.status_code == 422 and swapped.json()["error"]["code"] == "idempotency_key_reused"
+    for task in first.json()["tasks"]:
+        server.wait_status(task["id"])
 
 
 def test_events_stream_until_terminal(server):

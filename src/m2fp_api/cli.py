@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ from pathlib import Path
 from .outputs import OUTPUT_NAMES
 from .engine.backends import BACKENDS
 from .result_json import MaskFormat
+
+# the key `m2fp parse --server` sends (M2FP_API_KEY is the service's own list of keys)
+CLIENT_API_KEY_ENV = "M2FP_CLIENT_API_KEY"
 
 
 def _parser_from_args(args, **overrides):
@@ -25,7 +29,24 @@ def _parser_from_args(args, **overrides):
     return HumanParser.from_settings(Settings(compile=False, **overrides))
 
 
+def _requested_outputs(args) -> tuple[str, ...] | None:
+    """The `--outputs` asked for, None for what the model writes by default; exits (2)
+    naming an unknown one."""
+    if args.outputs is None:
+        return None
+    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+    unknown = set(outputs) - set(OUTPUT_NAMES)
+    if unknown:
+        print(f"error: unknown outputs {sorted(unknown)}; choose from {','.join(OUTPUT_NAMES)}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return outputs
+
+
 def cmd_parse(args) -> int:
+    if args.server:
+        return cmd_parse_remote(args)
+
     from tqdm import tqdm
 
     from .errors import M2FPError
@@ -36,12 +57,7 @@ def cmd_parse(args) -> int:
     if not parser.info.pretrained:
         print(f"note: model {parser.info.id!r} is a stand-in with random weights "
               f"(pretrained: false); its output is not a real parse.", file=sys.stderr)
-    outputs = None if args.outputs is None else tuple(o.strip() for o in args.outputs.split(",") if o.strip())
-    unknown = set(outputs or ()) - set(OUTPUT_NAMES)
-    if unknown:
-        print(f"error: unknown outputs {sorted(unknown)}; choose from {','.join(OUTPUT_NAMES)}",
-              file=sys.stderr)
-        return 2
+    outputs = _requested_outputs(args)
     try:  # the service's rules for what a model can write
         options = TaskOptions(outputs, args.alpha, MaskFormat(args.masks)).for_model(parser.info)
     except M2FPError as exc:
@@ -67,6 +83,18 @@ def cmd_parse(args) -> int:
         if not args.quiet and len(args.photos) < 2:
             print(f"{photo}: {len(result.parts)} parts, {len(result.persons)} persons -> {stem}.*")
     return 1 if failures else 0
+
+
+def cmd_parse_remote(args) -> int:
+    from .client import RemoteParse, parse_remote
+
+    if args.backend:
+        print("error: --backend chooses how a local model runs; the service runs its own", file=sys.stderr)
+        return 2
+    # --model names one of the service's models (GET /v1/models), the default without it
+    job = RemoteParse(outputs=_requested_outputs(args), overlay_alpha=args.alpha, masks=args.masks,
+                      model=args.model, retries=args.retries)
+    return parse_remote(args.server.rstrip("/"), args.api_key, args.photos, Path(args.out), job, args.quiet)
 
 
 def cmd_info(args) -> int:
@@ -153,7 +181,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parse", help="parse photos into mask, overlay, labels and parts files")
     p.add_argument("photos", nargs="+")
     p.add_argument("--out", default="out", help="output directory (default: ./out)")
-    p.add_argument("--model", help="hub id, model directory or 'demo' (default: M2FP_MODEL)")
+    p.add_argument("--model", help="hub id, model directory or 'demo' (default: M2FP_MODEL); with --server, one of "
+                   "the service's models (GET /v1/models; default: its first)")
     p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--outputs", help="comma list of " + ",".join(OUTPUT_NAMES)
                    + " (default: all the model writes; persons needs a multi-person model)")
@@ -161,6 +190,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="rle: parts.json carries each part's and person's mask as COCO RLE")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--server", metavar="URL",
+                   help="send the photos to the m2fp service at URL instead of parsing here "
+                        "(a re-run answers from the tasks of the first: nothing is parsed twice)")
+    p.add_argument("--api-key", default=os.environ.get(CLIENT_API_KEY_ENV),
+                   help=f"the service's API key, if it needs one (default: ${CLIENT_API_KEY_ENV})")
+    p.add_argument("--retries", type=int, default=10,
+                   help="with --server: how often a request refused for a while (503 with "
+                        "Retry-After) or cut off is tried again (default: 10)")
     p.set_defaults(func=cmd_parse)
 
     p = sub.add_parser("info", help="print the model and runtime")

@@ -58,6 +58,14 @@ class ResultNotReady(M2FPError):
     code, status = "result_not_ready", 409
 
 
+class IdempotencyKeyInProgress(M2FPError):
+    """A retry arrived while the first request with its Idempotency-Key is still being
+    admitted: one of them must create the work, and it is not this one."""
+
+    code, status = "idempotency_key_in_progress", 409
+    retry_after_s = 1
+
+
 class PayloadTooLarge(M2FPError):
     code, status = "payload_too_large", 413
 
@@ -68,6 +76,12 @@ class UnsupportedMediaType(M2FPError):
 
 class InvalidImage(M2FPError):
     code, status = "invalid_image", 422
+
+
+class IdempotencyKeyReused(M2FPError):
+    """An Idempotency-Key sent again with a different photo or options."""
+
+    code, status = "idempotency_key_reused", 422
 
 
 class ImageTooLarge(M2FPError):

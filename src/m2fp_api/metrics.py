@@ -34,6 +34,8 @@ class Metrics:
         self.outcomes = Counter("m2fp_tasks", "Tasks by final status", ["status"], registry=self.registry)
         self.rejected = Counter("m2fp_rejected", "Submissions refused before queueing", ["code"],
                                 registry=self.registry)
+        self.replays = Counter("m2fp_replays", "Submissions answered with the task of an earlier one "
+                               "with the same Idempotency-Key", registry=self.registry)
         self.stage_seconds = Histogram("m2fp_stage_seconds", "Time per processing stage", ["stage"],
                                        buckets=STAGE_BUCKETS_S, registry=self.registry)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -39,6 +39,18 @@ CAPACITY_REFUSED_HEADERS = {
 RETRY_LATER = {"model": ErrorBody, "headers": {"Retry-After": RETRY_AFTER_HEADER},
                "description": "`queue_full` (no room: retry after `Retry-After`), `not_ready`, "
                               "`model_unavailable`, `store_unavailable`"}
+
+
+# a client's name for one request, so that a retry of it answers the first one's task(s)
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$",
+    description="1 to 255 printable ASCII characters naming this request: sent again with the "
+                "same photo(s) and options, the answer is the first request's task(s) (200) and "
+                "nothing runs twice; with others, 422 `idempotency_key_reused`. Per API key and "
+                "endpoint; kept as long as the task")]
+REPLAYED = "Idempotent-Replayed"
+REPLAYED_HEADER = {REPLAYED: {"description": "`true` when this answers an earlier request with the "
+                                             "same Idempotency-Key", "schema": {"type": "string"}}}
 
 
 def errors(*statuses: int) -> dict:
@@ -100,9 +112,11 @@ async def read_single_upload(request: Request, file: UploadFile) -> bytes:
 
 @v1.post("/parse", tags=["tasks"], operation_id="submitParse", status_code=202, response_model=Task,
          summary="Submit a photo for parsing",
-         responses={200: {"model": Task, "description": "finished within `wait`, or cached"},
+         responses={200: {"model": Task, "description": "finished within `wait`, or the task of an "
+                                                     "earlier request with this Idempotency-Key",
+                          "headers": REPLAYED_HEADER},
                     202: {"description": "accepted; poll the Location"},
-                    **errors(400, 413, 415, 422), 503: RETRY_LATER})
+                    **errors(400, 409, 413, 415, 422), 503: RETRY_LATER})
 async def submit_parse(
     request: Request,
     service: ServiceDep,
@@ -113,23 +127,29 @@ async def submit_parse(
     masks: Annotated[str | None, Form(description=MASKS_FIELD)] = None,
     wait: Annotated[float | None, Form(description="seconds (0..60) to wait for the result")] = None,
     model: Annotated[str | None, Form(description=MODEL_FIELD)] = None,
+    idempotency_key: IdempotencyKey = None,
 ):
     options, wait_s = parse_options(outputs, overlay_alpha, masks, wait, model)
     payload = await read_single_upload(request, file)
-    held = service.submit(payload, options, owner)
+    held = service.submit(payload, options, owner, idempotency_key)
     if wait_s > 0:
         held = await service.wait(held, wait_s)
-    status = 200 if held.work.status.terminal else 202
+    status = 200 if held.work.status.terminal or held.replayed else 202
+    headers = {"Location": f"/v1/tasks/{held.handle.id}"}
+    if held.replayed:
+        headers[REPLAYED] = "true"
     return JSONResponse(to_task(service.view(held)).model_dump(mode="json"), status_code=status,
-                        headers={"Location": f"/v1/tasks/{held.handle.id}"})
+                        headers=headers)
 
 
 @v1.post("/batch", tags=["tasks"], operation_id="submitBatch", status_code=202, response_model=TaskList,
          summary="Submit several photos; a bad photo fails its own item only",
-         responses={202: {"description": "accepted; items refused for lack of room say `queue_full` "
+         responses={200: {"model": TaskList, "description": "every item answered from an earlier batch "
+                                                         "with this Idempotency-Key", "headers": REPLAYED_HEADER},
+                    202: {"description": "accepted; items refused for lack of room say `queue_full` "
                                          "and `retry_after_s`, and so do these headers",
                           "headers": CAPACITY_REFUSED_HEADERS},
-                    **errors(400, 413), 503: RETRY_LATER})
+                    **errors(400, 413, 422), 503: RETRY_LATER})
 async def submit_batch(
     service: ServiceDep,
     owner: OwnerDep,
@@ -139,6 +159,7 @@ async def submit_batch(
     overlay_alpha: Annotated[float | None, Form(description="overlay opacity 0..1 (default 0.5)")] = None,
     masks: Annotated[str | None, Form(description=MASKS_FIELD)] = None,
     model: Annotated[str | None, Form(description=MODEL_FIELD)] = None,
+    idempotency_key: IdempotencyKey = None,
 ):
     options, _ = parse_options(outputs, overlay_alpha, masks, None, model)
 
@@ -146,12 +167,16 @@ async def submit_batch(
         for upload in files:
             yield await upload.read()
 
-    batch = await service.submit_batch(payloads(), options, owner)
+    batch = await service.submit_batch(payloads(), options, owner, idempotency_key)
     tasks = [to_task(service.view(i)) if isinstance(i, Holding) else Task.refused(i) for i in batch.items]
     headers = {}
     if batch.capacity_refused:
         headers = {"Retry-After": str(batch.retry_after_s), CAPACITY_REFUSED: str(len(batch.capacity_refused))}
-    return JSONResponse(TaskList(tasks=tasks).model_dump(mode="json"), status_code=202, headers=headers)
+    replayed = bool(batch.items) and all(isinstance(i, Holding) and i.replayed for i in batch.items)
+    if replayed:
+        headers[REPLAYED] = "true"
+    return JSONResponse(TaskList(tasks=tasks).model_dump(mode="json"), status_code=200 if replayed else 202,
+                        headers=headers)
 
 
 # -- polling and results ---------------------------------------------------------------

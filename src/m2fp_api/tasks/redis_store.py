@@ -3,7 +3,8 @@
 Keys (prefix `m2fp:`): `work:{id}` (the work's record as JSON), `out:{id}:{name}` (output
 bytes), `holders:{id}` (the ids of the handles on the work), `task:{id}` (a handle as
 JSON), `key:{content key}` (de-duplication index: the work's id), `finished` (sorted set
-of handles on finished work, by the work's expiry, for the count bound). Every write
+of handles on finished work, by the work's expiry, for the count bound), `idem:{scope}`
+(an Idempotency-Key's claim, as JSON; it holds while its handle exists). Every write
 sets an expiry computed from the work's record on all of the work's keys, handles
 included, so TTLs survive every update: unfinished work expires after the longest it
 could take plus the result TTL, finished work after the result TTL. Redis being
@@ -20,7 +21,8 @@ import redis
 
 from ..errors import StoreUnavailable
 from ..settings import Settings
-from .task import Holding, TaskHandle, TaskRecord, TaskStatus
+from .store import CLAIM_GRACE_S
+from .task import Holding, IdempotencyClaim, TaskHandle, TaskRecord, TaskStatus
 
 P = "m2fp:"
 FINISHED = P + "finished"
@@ -59,6 +61,10 @@ def _index(key: str) -> str:
 
 def _output(task_id: str, name: str) -> str:
     return P + f"out:{task_id}:{name}"
+
+
+def _claim(scope: str) -> str:
+    return P + f"idem:{scope}"
 
 
 class RedisStore:
@@ -290,6 +296,35 @@ class RedisStore:
     def sweep(self) -> int:
         """Keys expire by themselves; this only trims the index of handles on finished work."""
         return self.redis.zremrangebyscore(FINISHED, 0, time.time())
+
+    @unavailable_on_redis_errors
+    def claim(self, scope: str, claim: IdempotencyClaim) -> IdempotencyClaim | None:
+        def take(pipe) -> IdempotencyClaim | None:
+            pipe.watch(_claim(scope))
+            raw = pipe.get(_claim(scope))
+            held = IdempotencyClaim.from_json(raw) if raw else None
+            if held is not None and (time.time() - held.at < CLAIM_GRACE_S
+                                     or pipe.exists(_handle(held.handle_id))):
+                return held
+            pipe.multi()
+            # no handle outlives this: the longest a task can wait and run, then its TTL
+            pipe.set(_claim(scope), claim.to_json(), px=int((self.unfinished_ttl_s + self.ttl_s) * 1000))
+            pipe.execute()
+            return None
+
+        return self._transaction(take)
+
+    @unavailable_on_redis_errors
+    def unclaim(self, scope: str, handle_id: str) -> None:
+        def free(pipe) -> None:
+            pipe.watch(_claim(scope))
+            raw = pipe.get(_claim(scope))
+            if raw and IdempotencyClaim.from_json(raw).handle_id == handle_id:
+                pipe.multi()
+                pipe.delete(_claim(scope))
+                pipe.execute()
+
+        self._transaction(free)
 
     def _enforce_bound(self) -> None:
         self.sweep()

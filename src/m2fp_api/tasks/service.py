@@ -1,6 +1,6 @@
 """The service core: what a submission, a read, a wait and a delete may do, whatever runs
-the tasks. It owns admission, de-duplication and the roll-back of work the executor
-would not take; the routes only parse requests and shape answers.
+the tasks. It owns admission, de-duplication, idempotent retries and the roll-back of
+work the executor would not take; the routes only parse requests and shape answers.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 
 from ..engine.images import probe_image
 from ..engine.preprocess import network_size
-from ..errors import Draining, M2FPError, NotFound, QueueFull, ResultNotReady, StoreUnavailable
+from ..errors import (Draining, IdempotencyKeyInProgress, IdempotencyKeyReused, M2FPError, NotFound, QueueFull,
+                      ResultNotReady, StoreUnavailable)
 from ..metrics import Metrics
 from ..settings import Settings
 from .executor import Executor
 from .model_card import ModelCard, card_named
 from .modes import store_and_executor
 from .store import TaskStore
-from .task import (Holding, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskStatus, content_key,
-                   new_task_id)
+from .task import (Holding, IdempotencyClaim, Refusal, TaskHandle, TaskOptions, TaskRecord, TaskStatus,
+                   content_key, idempotency_scope, new_task_id)
 
 log = logging.getLogger("m2fp.service")
 
@@ -60,6 +61,13 @@ class BatchOutcome:
         if self.capacity_refused and not any(isinstance(i, Holding) for i in self.items):
             raise QueueFull("The queue has no room for any item of this batch; retry later.",
                             self.retry_after_s)
+
+    def raise_if_key_reused(self) -> None:
+        """A batch whose every item differs from the first batch sent with its
+        Idempotency-Key is another request under a used key (422)."""
+        if self.items and all(isinstance(i, Refusal) and i.code == IdempotencyKeyReused.code for i in self.items):
+            raise IdempotencyKeyReused("This Idempotency-Key was used with other photos or other options; "
+                                       "use a new key for a new request.")
 
 
 class Service:
@@ -120,9 +128,15 @@ class Service:
         return card_named(self.models(), model)
 
     # -- tasks: what a submission, a read, a wait and a delete may do -------------------
-    def submit(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding:
+    def submit(self, payload: bytes, options: TaskOptions, owner: str | None,
+               idempotency_key: str | None = None) -> Holding:
         """Admission control, then the identical live work of the same owner if there is
-        some (shared, under a handle of its own), else new work on the queue."""
+        some (shared, under a handle of its own), else new work on the queue. A retry with
+        the `idempotency_key` of an earlier submission answers that submission's task."""
+        scope = None if idempotency_key is None else idempotency_scope(idempotency_key, owner)
+        return self._submit(payload, options, owner, scope)
+
+    def _submit(self, payload: bytes, options: TaskOptions, owner: str | None, scope: str | None) -> Holding:
         try:
             model = self.require_ready(options.model)
             options = options.for_model(model.info)  # the default model named: stored and run as such
@@ -131,38 +145,74 @@ class Service:
             self.executor.admit(width, height)  # a photo its task's memory cannot hold
             key = content_key(payload, options, owner)
             task_id = new_task_id()
-            shared = self.store.share(key, task_id, owner)
-            if shared is not None:
-                return shared
-            record = TaskRecord(id=task_id, options=options, key=key)
-            handle = TaskHandle(id=task_id, work_id=task_id, owner=owner, created_at=record.created_at)
-            self.store.create(record, handle)
+            if scope is not None:
+                claimed = self.store.claim(scope, IdempotencyClaim(handle_id=task_id, content_key=key))
+                if claimed is not None:
+                    return self._replay(claimed, key)
             try:
-                self.executor.submit(task_id, payload, options)
+                return self._hold_work(payload, options, owner, key, task_id)
             except (M2FPError, StoreUnavailable):
-                self.store.delete(task_id)
+                if scope is not None:
+                    self.store.unclaim(scope, task_id)  # nothing was created: the key is free for a retry
                 raise
-            return Holding(handle, record)
         except M2FPError as exc:
             self.metrics.rejected.labels(code=exc.code).inc()
             raise
 
+    def _hold_work(self, payload: bytes, options: TaskOptions, owner: str | None, key: str,
+                   task_id: str) -> Holding:
+        shared = self.store.share(key, task_id, owner)
+        if shared is not None:
+            return shared
+        record = TaskRecord(id=task_id, options=options, key=key)
+        handle = TaskHandle(id=task_id, work_id=task_id, owner=owner, created_at=record.created_at)
+        self.store.create(record, handle)
+        try:
+            self.executor.submit(task_id, payload, options)
+        except (M2FPError, StoreUnavailable):
+            self.store.delete(task_id)
+            raise
+        return Holding(handle, record)
+
+    def _replay(self, claimed: IdempotencyClaim, key: str) -> Holding:
+        """The task of the submission that took the Idempotency-Key, if this is the same
+        request again (same photo, options and model)."""
+        if claimed.content_key != key:
+            raise IdempotencyKeyReused("This Idempotency-Key was used with another photo or other options; "
+                                       "use a new key for a new request.")
+        held = self.store.lookup(claimed.handle_id)
+        if held is None:  # the first request is still creating it
+            raise IdempotencyKeyInProgress("A request with this Idempotency-Key is still being accepted; "
+                                           "retry shortly.")
+        self.metrics.replays.inc()
+        return Holding(held.handle, held.work, replayed=True)
+
     async def submit_batch(self, payloads: AsyncIterable[bytes], options: TaskOptions,
-                           owner: str | None) -> BatchOutcome:
+                           owner: str | None, idempotency_key: str | None = None) -> BatchOutcome:
         """Each photo is submitted as it is read; a bad or refused one fails its own item
         only. A batch none of whose items found room is refused whole (QueueFull), and so is
         one for a model this service has not loaded (UnknownModel) or whose options the model
-        cannot run (BadRequest)."""
+        cannot run (BadRequest).
+
+        An `idempotency_key` stands for each item by its position: a retry of the batch
+        answers the items accepted before with their tasks and submits the ones refused
+        before (for capacity, say), as a client retrying a partly refused batch wants. An
+        item that differs from its first submission fails on its own
+        (`idempotency_key_reused`), and the batch whole when every item does."""
         options = options.for_model(self.require_ready(options.model).info)
         batch = BatchOutcome()
         async for payload in payloads:
-            batch.items.append(self._submit_item(payload, options, owner))
+            scope = (None if idempotency_key is None
+                     else idempotency_scope(idempotency_key, owner, item=len(batch.items)))
+            batch.items.append(self._submit_item(payload, options, owner, scope))
         batch.raise_if_nothing_fits()
+        batch.raise_if_key_reused()
         return batch
 
-    def _submit_item(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding | Refusal:
+    def _submit_item(self, payload: bytes, options: TaskOptions, owner: str | None,
+                     scope: str | None) -> Holding | Refusal:
         try:
-            return self.submit(payload, options, owner)
+            return self._submit(payload, options, owner, scope)
         except M2FPError as exc:
             return Refusal(id=new_task_id(), code=exc.code, message=exc.message,
                            retry_after_s=exc.retry_after_s if isinstance(exc, QueueFull) else None)

@@ -6,7 +6,8 @@ its outputs, what executors see) and handles (`TaskHandle`: one per submission, 
 a client sees). Identical submissions share work, each through its own handle; work
 lives while a handle holds it. Finished work expires after a TTL, and the number of
 handles on finished work and the bytes of outputs are bounded (least recently used go
-first), so the store never grows without bound.
+first), so the store never grows without bound. Idempotency-Keys point to a handle and
+live as long as it does.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import time
 from collections import OrderedDict
 from typing import Protocol
 
-from .task import Holding, TaskHandle, TaskRecord, TaskStatus
+from .task import Holding, IdempotencyClaim, TaskHandle, TaskRecord, TaskStatus
+
+# an Idempotency-Key whose handle does not exist (yet) is held this long by the request
+# that claimed it (it is creating the handle); after that, the key is free again
+CLAIM_GRACE_S = 10.0
 
 
 class TaskStore(Protocol):
@@ -57,6 +62,14 @@ class TaskStore(Protocol):
     def sweep(self) -> int:
         """Drop expired work; returns how many."""
 
+    def claim(self, scope: str, claim: IdempotencyClaim) -> IdempotencyClaim | None:
+        """Take the Idempotency-Key `scope` for `claim`, atomically, and return None; or,
+        when another claim holds it (its handle lives, or it is under CLAIM_GRACE_S old),
+        return that one and change nothing."""
+
+    def unclaim(self, scope: str, handle_id: str) -> None:
+        """Free the key, if `handle_id`'s claim still holds it (its submission failed)."""
+
 
 class MemoryStore:
     def __init__(self, *, ttl_s: float, max_finished: int, max_output_bytes: int) -> None:
@@ -70,6 +83,7 @@ class MemoryStore:
         self._holders: dict[str, set[str]] = {}  # work id -> handle ids
         self._outputs: dict[str, dict[str, bytes]] = {}
         self._by_key: dict[str, str] = {}
+        self._claims: dict[str, IdempotencyClaim] = {}
         self._output_bytes = 0
 
     # -- interface --------------------------------------------------------------------
@@ -180,9 +194,34 @@ class MemoryStore:
             for handle_id in [h.id for h in self._handles.values()
                               if h.cancelled is not None and h.cancelled.expires_at <= now]:
                 self._drop_handle(handle_id)
+            for scope in [s for s, c in self._claims.items() if not self._holds(c)]:
+                del self._claims[scope]
             return len(expired)
 
+    def claim(self, scope: str, claim: IdempotencyClaim) -> IdempotencyClaim | None:
+        with self._lock:
+            held = self._claims.get(scope)
+            if held is not None and self._holds(held):
+                return held
+            self._claims[scope] = claim
+            return None
+
+    def unclaim(self, scope: str, handle_id: str) -> None:
+        with self._lock:
+            if (held := self._claims.get(scope)) is not None and held.handle_id == handle_id:
+                del self._claims[scope]
+
     # -- internals (lock held) --------------------------------------------------------
+    def _holds(self, claim: IdempotencyClaim) -> bool:
+        if time.time() - claim.at < CLAIM_GRACE_S:
+            return True
+        handle = self._handles.get(claim.handle_id)
+        if handle is None:
+            return False
+        if handle.cancelled is not None:
+            return handle.cancelled.expires_at > time.time()
+        return self._live(handle.work_id) is not None
+
     def _live(self, task_id: str) -> TaskRecord | None:
         record = self._tasks.get(task_id)
         if record is not None and record.expires_at is not None and record.expires_at <= time.time():

@@ -81,6 +81,12 @@ def content_key(payload: bytes, options: TaskOptions, owner: str | None) -> str:
     return digest.hexdigest()
 
 
+def idempotency_scope(key: str, owner: str | None, item: int | None = None) -> str:
+    """Where a client's `Idempotency-Key` is kept: per owner (two API keys may pick the
+    same key without meeting), per endpoint, and per item of a batch."""
+    return hashlib.sha256(json.dumps([owner, key, item]).encode()).hexdigest()
+
+
 def new_task_id() -> str:
     return uuid.uuid4().hex
 
@@ -160,6 +166,24 @@ class Holding:
 
     handle: TaskHandle
     work: TaskRecord
+    replayed: bool = False  # the answer to a retry with the same Idempotency-Key
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """An Idempotency-Key taken by a submission: the handle it answers with, and the
+    content key of the request that took it (a retry must send the same)."""
+
+    handle_id: str
+    content_key: str
+    at: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "IdempotencyClaim":
+        return cls(**json.loads(raw))
 
 
 @dataclass(frozen=True)
