@@ -42,6 +42,12 @@ class BadRequest(M2FPError):
     code, status = "bad_request", 400
 
 
+class WebhookRefused(M2FPError):
+    """The webhook leads to an address the service does not call (M2FP_WEBHOOK_ALLOW)."""
+
+    code, status = "webhook_refused", 400
+
+
 class NotFound(M2FPError):
     code, status = "not_found", 404
 
