@@ -17,6 +17,7 @@ from ..outputs import OUTPUT_NAMES, OUTPUTS, Output
 from ..tasks.memory_plan import MB
 from ..tasks.service import TaskView
 from ..tasks.task import Holding, TaskOptions
+from ..webhooks.subscription import EVENTS, Subscription, parse_subscription
 from .deps import OwnerDep, ServiceDep
 from .schemas import ErrorBody, Health, Label, ModelInfoOut, OutputOut, Task, TaskList
 
@@ -68,6 +69,18 @@ def parse_options(outputs: str | None, overlay_alpha: float | None, wait: float 
     return TaskOptions(outputs=names, overlay_alpha=alpha), wait_s
 
 
+WEBHOOK_FIELD = ("https or http URL the task's JSON is POSTed to on `webhook_events`, signed "
+                 "(Standard Webhooks); loopback, private and link-local addresses are refused")
+WEBHOOK_EVENTS_FIELD = f"comma list of {','.join(EVENTS)} (default: completed)"
+
+
+async def checked_webhook(service: ServiceDep, webhook: str | None, webhook_events: str | None) -> Subscription | None:
+    subscription = parse_subscription(webhook, webhook_events)
+    if subscription is not None:
+        await run_in_threadpool(service.webhooks.check, subscription)  # it resolves the host
+    return subscription
+
+
 # -- submission -----------------------------------------------------------------------
 
 def to_task(view: TaskView) -> Task:
@@ -94,10 +107,13 @@ async def submit_parse(
     outputs: Annotated[str | None, Form(description="comma list of mask,overlay,labels,parts (default: all)")] = None,
     overlay_alpha: Annotated[float | None, Form(description="overlay opacity 0..1 (default 0.5)")] = None,
     wait: Annotated[float | None, Form(description="seconds (0..60) to wait for the result")] = None,
+    webhook: Annotated[str | None, Form(description=WEBHOOK_FIELD)] = None,
+    webhook_events: Annotated[str | None, Form(description=WEBHOOK_EVENTS_FIELD)] = None,
 ):
     options, wait_s = parse_options(outputs, overlay_alpha, wait)
+    subscription = await checked_webhook(service, webhook, webhook_events)
     payload = await read_single_upload(request, file)
-    held = service.submit(payload, options, owner)
+    held = service.submit(payload, options, owner, subscription)
     if wait_s > 0:
         held = await service.wait(held, wait_s)
     status = 200 if held.work.status.terminal else 202
@@ -118,14 +134,17 @@ async def submit_batch(
                                             json_schema_extra={"items": {"type": "string", **BINARY}})],
     outputs: Annotated[str | None, Form()] = None,
     overlay_alpha: Annotated[float | None, Form()] = None,
+    webhook: Annotated[str | None, Form(description=WEBHOOK_FIELD + "; each item is delivered as its own task")] = None,
+    webhook_events: Annotated[str | None, Form(description=WEBHOOK_EVENTS_FIELD)] = None,
 ):
     options, _ = parse_options(outputs, overlay_alpha, None)
+    subscription = await checked_webhook(service, webhook, webhook_events)
 
     async def payloads():  # read one at a time, as the core takes them
         for upload in files:
             yield await upload.read()
 
-    batch = await service.submit_batch(payloads(), options, owner)
+    batch = await service.submit_batch(payloads(), options, owner, subscription)
     tasks = [to_task(service.view(i)) if isinstance(i, Holding) else Task.refused(i) for i in batch.items]
     headers = {}
     if batch.capacity_refused:

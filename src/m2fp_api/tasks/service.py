@@ -6,6 +6,7 @@ would not take; the routes only parse requests and shape answers.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
@@ -17,6 +18,8 @@ from ..engine.preprocess import network_size
 from ..errors import Draining, M2FPError, NotFound, QueueFull, ResultNotReady, StoreUnavailable
 from ..metrics import Metrics
 from ..settings import Settings
+from ..webhooks.dispatcher import WebhookDispatcher
+from ..webhooks.subscription import Subscription
 from .executor import Executor
 from .model_card import ModelCard
 from .modes import store_and_executor
@@ -69,6 +72,7 @@ class Service:
         self.executor = executor
         self.metrics = Metrics(depth=executor.depth, in_flight=executor.in_flight)
         executor.on_finished = self.metrics.task_finished
+        self.webhooks = WebhookDispatcher(settings, store)
         self._stop = threading.Event()
 
     @classmethod
@@ -78,6 +82,7 @@ class Service:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         self.executor.start()
+        self.webhooks.start()
         threading.Thread(target=self._sweep_loop, name="m2fp-sweep", daemon=True).start()
 
     def _sweep_loop(self) -> None:
@@ -91,6 +96,7 @@ class Service:
         """Refuse new work, finish (or fail with `shutdown`) what is queued and running."""
         log.info("draining: up to %.0f s for queued and running tasks", self.settings.drain_timeout_s)
         self.executor.drain(self.settings.drain_timeout_s)
+        self.webhooks.stop()
         self._stop.set()
         log.info("drained")
 
@@ -114,9 +120,19 @@ class Service:
         return self.executor.model
 
     # -- tasks: what a submission, a read, a wait and a delete may do -------------------
-    def submit(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding:
+    def submit(self, payload: bytes, options: TaskOptions, owner: str | None,
+               webhook: Subscription | None = None) -> Holding:
         """Admission control, then the identical live work of the same owner if there is
-        some (shared, under a handle of its own), else new work on the queue."""
+        some (shared, under a handle of its own), else new work on the queue. A webhook
+        (checked beforehand with `webhooks.check`) is watched from here."""
+        held = self._submit(payload, options, owner)
+        if webhook is None:
+            return held
+        self.store.put_webhook(held.handle.id, webhook)
+        self.webhooks.watch(held.handle.id, webhook)
+        return self.store.lookup(held.handle.id) or held
+
+    def _submit(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding:
         try:
             model = self.require_ready()
             _, width, height = probe_image(payload, model.limits)
@@ -141,19 +157,21 @@ class Service:
             raise
 
     async def submit_batch(self, payloads: AsyncIterable[bytes], options: TaskOptions,
-                           owner: str | None) -> BatchOutcome:
+                           owner: str | None, webhook: Subscription | None = None) -> BatchOutcome:
         """Each photo is submitted as it is read; a bad or refused one fails its own item
         only. A batch none of whose items found room is refused whole (QueueFull)."""
         self.require_ready()
         batch = BatchOutcome()
         async for payload in payloads:
-            batch.items.append(self._submit_item(payload, options, owner))
+            # each item is a task of its own, with deliveries of its own
+            batch.items.append(self._submit_item(payload, options, owner, copy.deepcopy(webhook)))
         batch.raise_if_nothing_fits()
         return batch
 
-    def _submit_item(self, payload: bytes, options: TaskOptions, owner: str | None) -> Holding | Refusal:
+    def _submit_item(self, payload: bytes, options: TaskOptions, owner: str | None,
+                     webhook: Subscription | None) -> Holding | Refusal:
         try:
-            return self.submit(payload, options, owner)
+            return self.submit(payload, options, owner, webhook)
         except M2FPError as exc:
             return Refusal(id=new_task_id(), code=exc.code, message=exc.message,
                            retry_after_s=exc.retry_after_s if isinstance(exc, QueueFull) else None)
