@@ -96,7 +96,7 @@ class Service:
         """Refuse new work, finish (or fail with `shutdown`) what is queued and running."""
         log.info("draining: up to %.0f s for queued and running tasks", self.settings.drain_timeout_s)
         self.executor.drain(self.settings.drain_timeout_s)
-        self.webhooks.stop()
+        self.webhooks.stop(grace_s=self.settings.webhook_timeout_s)
         self._stop.set()
         log.info("drained")
 

@@ -77,6 +77,7 @@ class WebhookDispatcher:
         self._watches: dict[str, _Watch] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._giving_up = threading.Event()  # set on stop: no more retries
         self._pool = ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="m2fp-webhook")
         # no proxy from the environment: it would connect elsewhere than the checked address
         self._client = httpx.Client(trust_env=False, follow_redirects=False)
@@ -97,10 +98,29 @@ class WebhookDispatcher:
     def start(self) -> None:
         threading.Thread(target=self._watch_loop, name="m2fp-webhooks", daemon=True).start()
 
-    def stop(self) -> None:
-        """Deliver no more: attempts under way end within their timeout, pending events are dropped."""
+    def stop(self, grace_s: float) -> None:
+        """Make the first attempt at what is due within `grace_s` (retries give up), then
+        deliver no more: the events of tasks that ended while the service drained still go."""
+        self._giving_up.set()
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end and self._busy():
+            time.sleep(WATCH_INTERVAL_S)
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _busy(self) -> bool:
+        with self._lock:
+            watches = list(self._watches.values())
+        for watch in watches:
+            if watch.running is not None and not watch.running.done():
+                return True
+            try:
+                pending, held = self._next(watch)
+            except StoreUnavailable:
+                return False  # nothing can be recorded either: stop now
+            if held is not None and reached(pending.event, held):
+                return True
+        return False
 
     def _watch_loop(self) -> None:
         while not self._stop.wait(WATCH_INTERVAL_S):
@@ -117,23 +137,27 @@ class WebhookDispatcher:
     def _advance(self, watch: _Watch) -> None:
         """Deliver the next event the task has reached (one at a time, in order); stop
         watching when all are delivered or given up, or the task is gone."""
-        pending = [d for d in watch.subscription.deliveries if d.attempts == 0]
-        held = self.store.lookup(watch.handle_id) if pending else None
+        pending, held = self._next(watch)
         if held is None:
             with self._lock:
                 del self._watches[watch.handle_id]
-            return
-        if reached(pending[0].event, held):
-            watch.running = self._pool.submit(self._deliver, watch, pending[0], self.describe(held).encode())
+        elif reached(pending.event, held):
+            watch.running = self._pool.submit(self._deliver, watch, pending, self.describe(held).encode())
+
+    def _next(self, watch: _Watch) -> tuple[Delivery | None, Holding | None]:
+        """The first event not attempted yet, and the task now; no task when every event
+        has been attempted or the task is gone (expired, deleted)."""
+        pending = next((d for d in watch.subscription.deliveries if d.attempts == 0), None)
+        return pending, self.store.lookup(watch.handle_id) if pending else None
 
     # -- delivery ---------------------------------------------------------------------
     def _deliver(self, watch: _Watch, delivery: Delivery, body: bytes) -> None:
         msg_id = f"msg_{watch.handle_id}_{delivery.event}"  # the same on every attempt: receivers de-duplicate by it
         try:
             # a stopping service gives up between attempts rather than wait out the retry time
-            for attempt in Retrying(stop=stop_after_delay(self.retry_s) | stop_when_event_set(self._stop),
+            for attempt in Retrying(stop=stop_after_delay(self.retry_s) | stop_when_event_set(self._giving_up),
                                     wait=wait_random_exponential(multiplier=BACKOFF_FIRST_S, max=BACKOFF_MAX_S),
-                                    sleep=self._stop.wait, retry=retry_if_exception_type(DeliveryFailed)):
+                                    sleep=self._giving_up.wait, retry=retry_if_exception_type(DeliveryFailed)):
                 with attempt:
                     self._attempt(watch, delivery, msg_id, body)
         except RetryError:
