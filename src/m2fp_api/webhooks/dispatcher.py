@@ -39,11 +39,13 @@ class DeliveryFailed(Exception):
     """An attempt that may succeed later: no answer, or an answer other than 2xx."""
 
 
+def missed(event: str, held: Holding) -> bool:
+    """A task cancelled (or failed) before it ran never starts."""
+    return event == "started" and held.work.status.terminal and held.work.started_at is None
+
+
 def reached(event: str, held: Holding) -> bool:
-    status = held.work.status
-    if event == "started":  # a task cancelled before it ran never started
-        return status is TaskStatus.running or (status.terminal and held.work.started_at is not None)
-    return status.terminal
+    return held.work.started_at is not None if event == "started" else held.work.status.terminal
 
 
 def pinned_post(client: httpx.Client, url: str, address, body: bytes, headers: dict[str, str],
@@ -145,10 +147,15 @@ class WebhookDispatcher:
             watch.running = self._pool.submit(self._deliver, watch, pending, self.describe(held).encode())
 
     def _next(self, watch: _Watch) -> tuple[Delivery | None, Holding | None]:
-        """The first event not attempted yet, and the task now; no task when every event
-        has been attempted or the task is gone (expired, deleted)."""
-        pending = next((d for d in watch.subscription.deliveries if d.attempts == 0), None)
-        return pending, self.store.lookup(watch.handle_id) if pending else None
+        """The first event not attempted yet that the task may still reach, and the task
+        now; neither when there is no such event or the task is gone (expired, deleted)."""
+        if all(d.attempts for d in watch.subscription.deliveries):
+            return None, None
+        held = self.store.lookup(watch.handle_id)
+        if held is None:
+            return None, None
+        pending = next((d for d in watch.subscription.deliveries if d.attempts == 0 and not missed(d.event, held)), None)
+        return (pending, held) if pending else (None, None)
 
     # -- delivery ---------------------------------------------------------------------
     def _deliver(self, watch: _Watch, delivery: Delivery, body: bytes) -> None:
