@@ -36,7 +36,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp_path: Path, **settings) -> None:
+    def __init__(self, tmp_path: Path, extra_env: dict[str, str] | None = None, **settings) -> None:
+        """`settings` become M2FP_ variables; `extra_env` sets other variables of the process."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
@@ -44,7 +45,7 @@ class Server:
         # it (compilation is tested on its own, in test_backends)
         env.update({"M2FP_HOST": "127.0.0.1", "M2FP_PORT": str(self.port), "M2FP_MODEL": TINY_MULTIPLE,
                     "M2FP_CACHE_DIR": str(tmp_path / "cache"), "M2FP_ALLOW_DOWNLOAD": "false",
-                    "M2FP_LOG_FORMAT": "json", "M2FP_COMPILE": "false"})
+                    "M2FP_LOG_FORMAT": "json", "M2FP_COMPILE": "false", **(extra_env or {})})
         env.update({f"M2FP_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
                     for k, v in settings.items()})
         self.log_path = tmp_path / f"server-{self.port}.log"

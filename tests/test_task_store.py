@@ -111,3 +111,22 @@ def test_redis_handles_expire_with_their_work(shared_redis):
     for key in (f"m2fp:task:{work.id}", "m2fp:task:h2", f"m2fp:work:{work.id}", f"m2fp:out:{work.id}:mask",
                 f"m2fp:holders:{work.id}", "m2fp:key:k"):
         assert 0 < store.redis.pttl(key) <= 2000, key
+
+
+def test_a_handles_webhook_and_its_deliveries_are_kept_with_it(make_store):
+    from m2fp_api.webhooks.subscription import Delivery, Subscription
+
+    store = make_store()
+    work = new_work(store, "k")
+    store.share("k", "h2", None)
+    subscription = Subscription("https://hooks.example/x", [Delivery("started"), Delivery("completed")])
+    store.put_webhook("h2", subscription)
+    subscription.deliveries[0].attempts = 1  # the store keeps what it was given, not a live object
+    assert store.lookup("h2").handle.webhook == Subscription(
+        "https://hooks.example/x", [Delivery("started"), Delivery("completed")])
+    assert store.lookup(work.id).handle.webhook is None  # the other submission asked for none
+    store.put_webhook("h2", subscription)
+    finish(store, work.id)
+    assert store.lookup("h2").handle.webhook.deliveries[0].attempts == 1
+    store.put_webhook("unknown", subscription)  # a handle that is gone: nothing to keep
+    assert store.lookup("unknown") is None

@@ -48,6 +48,12 @@ class UnknownModel(M2FPError):
     code, status = "unknown_model", 400
 
 
+class WebhookRefused(M2FPError):
+    """The webhook leads to an address the service does not call (M2FP_WEBHOOK_ALLOW)."""
+
+    code, status = "webhook_refused", 400
+
+
 class NotFound(M2FPError):
     code, status = "not_found", 404
 

@@ -6,6 +6,8 @@ defaults, and `HumanParser.from_settings` maps these onto them."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -117,6 +119,30 @@ class Settings(BaseSettings):
         "A worker process past this resident memory is replaced after its task."))
     worker_lost_after_s: float = Field(15, gt=0, description=(
         "A running task whose worker has not signalled for this long fails (`worker_lost`)."))
+
+    # --- webhooks --------------------------------------------------------------------
+    webhook_secret: str | None = Field(None, description=(
+        "Signs webhook deliveries (Standard Webhooks): `whsec_` and the base64 of 24 to 64 "
+        "random bytes. Unset: requests with a `webhook` are refused (400)."))
+    webhook_allow: str = Field("", description=(
+        "Comma list of CIDRs and host names webhooks may reach although they are not public "
+        "(e.g. `10.1.0.0/16,hooks.internal`); everything else but public addresses is refused."))
+    webhook_timeout_s: float = Field(10, gt=0, description="One delivery attempt's time limit.")
+    webhook_retry_s: float = Field(300, ge=0, description=(
+        "How long a delivery is retried (exponential backoff with jitter) before it is given up."))
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, secret: str | None) -> str | None:
+        """Refused at start-up rather than at the first delivery."""
+        if secret is not None:
+            try:
+                key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            except binascii.Error:
+                key = b""
+            if not 24 <= len(key) <= 64:
+                raise ValueError("must be `whsec_` followed by the base64 of 24 to 64 random bytes")
+        return secret
 
     log_format: Literal["text", "json"] = Field("text", description="`json`: one JSON object a line, with task ids.")
     log_level: str = Field("INFO", description="Python logging level.")

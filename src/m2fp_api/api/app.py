@@ -26,6 +26,7 @@ from .auth import ApiKeys, Authenticate, OpenPaths, declare_security
 from .limits import RequestLimits, UploadBudget
 from .protocol import guarded_protocol
 from .routes import CAPACITY_REFUSED, ops, v1
+from .schemas import Task
 from ..tasks.service import EVENT_POLL_INTERVAL_S, Service
 
 log = logging.getLogger("m2fp.api")
@@ -36,6 +37,8 @@ WEB = resources.files("m2fp_api").joinpath("web")
 def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
     settings = settings or Settings()
     service = service or Service.from_settings(settings)
+    # webhooks deliver a task as GET /v1/tasks/{id} answers it
+    service.webhooks.describe = lambda held: Task.from_holding(held).model_dump_json()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

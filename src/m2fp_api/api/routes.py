@@ -18,6 +18,7 @@ from ..result_json import MaskFormat
 from ..tasks.memory_plan import MB
 from ..tasks.service import TaskView
 from ..tasks.task import Holding, TaskOptions
+from ..webhooks.subscription import EVENTS, Subscription, parse_subscription
 from .deps import OwnerDep, ServiceDep
 from .schemas import ErrorBody, Health, Label, LoadedModel, ModelInfoOut, ModelList, OutputOut, Task, TaskList
 
@@ -97,6 +98,18 @@ OUTPUTS_FIELD = (f"comma list of {','.join(OUTPUT_NAMES)} (default: all the mode
 MASKS_FIELD = "rle: parts.json carries each part's and person's mask as COCO RLE (default: none)"
 
 
+WEBHOOK_FIELD = ("https or http URL the task's JSON is POSTed to on `webhook_events`, signed "
+                 "(Standard Webhooks); loopback, private and link-local addresses are refused")
+WEBHOOK_EVENTS_FIELD = f"comma list of {','.join(EVENTS)} (default: completed)"
+
+
+async def checked_webhook(service: ServiceDep, webhook: str | None, webhook_events: str | None) -> Subscription | None:
+    subscription = parse_subscription(webhook, webhook_events)
+    if subscription is not None:
+        await run_in_threadpool(service.webhooks.check, subscription)  # it resolves the host
+    return subscription
+
+
 # -- submission -----------------------------------------------------------------------
 
 def to_task(view: TaskView) -> Task:
@@ -127,11 +140,14 @@ async def submit_parse(
     masks: Annotated[str | None, Form(description=MASKS_FIELD)] = None,
     wait: Annotated[float | None, Form(description="seconds (0..60) to wait for the result")] = None,
     model: Annotated[str | None, Form(description=MODEL_FIELD)] = None,
+    webhook: Annotated[str | None, Form(description=WEBHOOK_FIELD)] = None,
+    webhook_events: Annotated[str | None, Form(description=WEBHOOK_EVENTS_FIELD)] = None,
     idempotency_key: IdempotencyKey = None,
 ):
     options, wait_s = parse_options(outputs, overlay_alpha, masks, wait, model)
+    subscription = await checked_webhook(service, webhook, webhook_events)
     payload = await read_single_upload(request, file)
-    held = service.submit(payload, options, owner, idempotency_key)
+    held = service.submit(payload, options, owner, idempotency_key, subscription)
     if wait_s > 0:
         held = await service.wait(held, wait_s)
     status = 200 if held.work.status.terminal or held.replayed else 202
@@ -159,15 +175,18 @@ async def submit_batch(
     overlay_alpha: Annotated[float | None, Form(description="overlay opacity 0..1 (default 0.5)")] = None,
     masks: Annotated[str | None, Form(description=MASKS_FIELD)] = None,
     model: Annotated[str | None, Form(description=MODEL_FIELD)] = None,
+    webhook: Annotated[str | None, Form(description=WEBHOOK_FIELD + "; each item is delivered as its own task")] = None,
+    webhook_events: Annotated[str | None, Form(description=WEBHOOK_EVENTS_FIELD)] = None,
     idempotency_key: IdempotencyKey = None,
 ):
     options, _ = parse_options(outputs, overlay_alpha, masks, None, model)
+    subscription = await checked_webhook(service, webhook, webhook_events)
 
     async def payloads():  # read one at a time, as the core takes them
         for upload in files:
             yield await upload.read()
 
-    batch = await service.submit_batch(payloads(), options, owner, idempotency_key)
+    batch = await service.submit_batch(payloads(), options, owner, idempotency_key, subscription)
     tasks = [to_task(service.view(i)) if isinstance(i, Holding) else Task.refused(i) for i in batch.items]
     headers = {}
     if batch.capacity_refused:

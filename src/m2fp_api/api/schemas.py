@@ -12,6 +12,7 @@ from ..engine import ModelInfo
 from ..outputs import OUTPUTS, Output, output_named
 from ..result_json import ParseResultOut
 from ..tasks.task import Holding, Refusal, Stage, TaskStatus
+from ..webhooks.subscription import Subscription
 
 
 class ErrorDetail(BaseModel):
@@ -33,6 +34,27 @@ TaskLinks = create_model("TaskLinks", __base__=_TaskUrls,
                          **{output.name: (str | None, None) for output in OUTPUTS})
 
 
+class DeliveryOut(BaseModel):
+    event: str = Field(description="`started` or `completed`")
+    attempts: int = Field(description="0 until the task reaches the event")
+    delivered: bool = Field(description="the receiver answered 2xx")
+    status_code: int | None = Field(None, description="the receiver's last answer")
+    error: str | None = Field(None, description="why the last attempt got no answer, or was refused")
+    last_attempt_at: datetime | None = None
+
+
+class WebhookOut(BaseModel):
+    url: str
+    deliveries: list[DeliveryOut] = Field(description="one per event asked for")
+
+    @classmethod
+    def of(cls, subscription: Subscription) -> "WebhookOut":
+        return cls(url=subscription.url, deliveries=[
+            DeliveryOut(event=d.event, attempts=d.attempts, delivered=d.delivered, status_code=d.status_code,
+                        error=d.error, last_attempt_at=_time(d.last_attempt_at))
+            for d in subscription.deliveries])
+
+
 class Task(BaseModel):
     id: str
     status: TaskStatus
@@ -50,6 +72,7 @@ class Task(BaseModel):
     retry_after_s: int | None = Field(None, description=(
         "on a batch item refused for capacity (`queue_full`): resubmit it after this many seconds"))
     result: ParseResultOut | None = None
+    webhook: WebhookOut | None = Field(None, description="only when the submission gave one: its deliveries so far")
     links: TaskLinks
 
     @classmethod
@@ -69,7 +92,8 @@ class Task(BaseModel):
             cached=handle.cached,
             error=ErrorDetail(code=record.error_code, message=record.error_message or "")
             if record.error_code else None,
-            result=record.result, links=TaskLinks(**links))
+            result=record.result, links=TaskLinks(**links),
+            webhook=WebhookOut.of(handle.webhook) if handle.webhook else None)
 
     @classmethod
     def refused(cls, refusal: Refusal) -> "Task":

@@ -21,6 +21,7 @@ import redis
 
 from ..errors import StoreUnavailable
 from ..settings import Settings
+from ..webhooks.subscription import Subscription
 from .store import CLAIM_GRACE_S
 from .task import Holding, IdempotencyClaim, TaskHandle, TaskRecord, TaskStatus
 
@@ -258,6 +259,20 @@ class RedisStore:
         if finished:
             self._enforce_bound()
         return record
+
+    @unavailable_on_redis_errors
+    def put_webhook(self, handle_id: str, webhook: Subscription) -> None:
+        def write(pipe) -> None:
+            pipe.watch(_handle(handle_id))
+            handle = self._read_handle(pipe, handle_id)
+            if handle is None:
+                return
+            handle.webhook = webhook
+            pipe.multi()
+            pipe.set(_handle(handle_id), self._encode(handle), keepttl=True)  # it expires with its work
+            pipe.execute()
+
+        self._transaction(write)
 
     @unavailable_on_redis_errors
     def put_outputs(self, task_id: str, outputs: dict[str, bytes]) -> None:

@@ -6,6 +6,7 @@ work the executor would not take; the routes only parse requests and shape answe
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
@@ -18,6 +19,8 @@ from ..errors import (Draining, IdempotencyKeyInProgress, IdempotencyKeyReused, 
                       ResultNotReady, StoreUnavailable)
 from ..metrics import Metrics
 from ..settings import Settings
+from ..webhooks.dispatcher import WebhookDispatcher
+from ..webhooks.subscription import Subscription
 from .executor import Executor
 from .model_card import ModelCard, card_named
 from .modes import store_and_executor
@@ -77,6 +80,7 @@ class Service:
         self.executor = executor
         self.metrics = Metrics(depth=executor.depth, in_flight=executor.in_flight)
         executor.on_finished = self.metrics.task_finished
+        self.webhooks = WebhookDispatcher(settings, store)
         self._stop = threading.Event()
 
     @classmethod
@@ -86,6 +90,7 @@ class Service:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         self.executor.start()
+        self.webhooks.start()
         threading.Thread(target=self._sweep_loop, name="m2fp-sweep", daemon=True).start()
 
     def _sweep_loop(self) -> None:
@@ -99,6 +104,7 @@ class Service:
         """Refuse new work, finish (or fail with `shutdown`) what is queued and running."""
         log.info("draining: up to %.0f s for queued and running tasks", self.settings.drain_timeout_s)
         self.executor.drain(self.settings.drain_timeout_s)
+        self.webhooks.stop(grace_s=self.settings.webhook_timeout_s)
         self._stop.set()
         log.info("drained")
 
@@ -129,12 +135,21 @@ class Service:
 
     # -- tasks: what a submission, a read, a wait and a delete may do -------------------
     def submit(self, payload: bytes, options: TaskOptions, owner: str | None,
-               idempotency_key: str | None = None) -> Holding:
+               idempotency_key: str | None = None, webhook: Subscription | None = None) -> Holding:
         """Admission control, then the identical live work of the same owner if there is
         some (shared, under a handle of its own), else new work on the queue. A retry with
-        the `idempotency_key` of an earlier submission answers that submission's task."""
+        the `idempotency_key` of an earlier submission answers that submission's task (and
+        keeps that submission's webhook). A webhook (checked beforehand with
+        `webhooks.check`) is watched from here."""
         scope = None if idempotency_key is None else idempotency_scope(idempotency_key, owner)
-        return self._submit(payload, options, owner, scope)
+        return self._with_webhook(self._submit(payload, options, owner, scope), webhook)
+
+    def _with_webhook(self, held: Holding, webhook: Subscription | None) -> Holding:
+        if webhook is None or held.replayed:
+            return held
+        self.store.put_webhook(held.handle.id, webhook)
+        self.webhooks.watch(held.handle.id, webhook)
+        return self.store.lookup(held.handle.id) or held
 
     def _submit(self, payload: bytes, options: TaskOptions, owner: str | None, scope: str | None) -> Holding:
         try:
@@ -188,7 +203,8 @@ class Service:
         return Holding(held.handle, held.work, replayed=True)
 
     async def submit_batch(self, payloads: AsyncIterable[bytes], options: TaskOptions,
-                           owner: str | None, idempotency_key: str | None = None) -> BatchOutcome:
+                           owner: str | None, idempotency_key: str | None = None,
+                           webhook: Subscription | None = None) -> BatchOutcome:
         """Each photo is submitted as it is read; a bad or refused one fails its own item
         only. A batch none of whose items found room is refused whole (QueueFull), and so is
         one for a model this service has not loaded (UnknownModel) or whose options the model
@@ -204,15 +220,16 @@ class Service:
         async for payload in payloads:
             scope = (None if idempotency_key is None
                      else idempotency_scope(idempotency_key, owner, item=len(batch.items)))
-            batch.items.append(self._submit_item(payload, options, owner, scope))
+            # each item is a task of its own, with deliveries of its own
+            batch.items.append(self._submit_item(payload, options, owner, scope, copy.deepcopy(webhook)))
         batch.raise_if_nothing_fits()
         batch.raise_if_key_reused()
         return batch
 
     def _submit_item(self, payload: bytes, options: TaskOptions, owner: str | None,
-                     scope: str | None) -> Holding | Refusal:
+                     scope: str | None, webhook: Subscription | None) -> Holding | Refusal:
         try:
-            return self._submit(payload, options, owner, scope)
+            return self._with_webhook(self._submit(payload, options, owner, scope), webhook)
         except M2FPError as exc:
             return Refusal(id=new_task_id(), code=exc.code, message=exc.message,
                            retry_after_s=exc.retry_after_s if isinstance(exc, QueueFull) else None)

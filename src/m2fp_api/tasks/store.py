@@ -12,11 +12,13 @@ live as long as it does.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import OrderedDict
 from typing import Protocol
 
+from ..webhooks.subscription import Subscription
 from .task import Holding, IdempotencyClaim, TaskHandle, TaskRecord, TaskStatus
 
 # an Idempotency-Key whose handle does not exist (yet) is held this long by the request
@@ -51,6 +53,9 @@ class TaskStore(Protocol):
         """Apply changes to the work atomically and return the new record. None, and no
         change, if it is gone or its status is not in `if_status`. Work reaching a terminal
         status gets its expiry time (and is forgotten if no handle holds it)."""
+
+    def put_webhook(self, handle_id: str, webhook: Subscription) -> None:
+        """Keep a handle's webhook and its deliveries so far (nothing if the handle is gone)."""
 
     def put_outputs(self, task_id: str, outputs: dict[str, bytes]) -> None: ...
 
@@ -165,6 +170,12 @@ class MemoryStore:
                 self._forget(task_id)  # nobody is left to read it
             self._enforce_bounds()
             return record
+
+    def put_webhook(self, handle_id: str, webhook: Subscription) -> None:
+        with self._lock:
+            handle = self._handles.get(handle_id)
+            if handle is not None:
+                handle.webhook = copy.deepcopy(webhook)  # a snapshot, as Redis keeps
 
     def put_outputs(self, task_id: str, outputs: dict[str, bytes]) -> None:
         with self._lock:

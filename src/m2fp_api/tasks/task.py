@@ -14,6 +14,7 @@ from ..engine import ModelInfo
 from ..errors import BadRequest
 from ..outputs import default_outputs, unavailable_outputs
 from ..result_json import MaskFormat
+from ..webhooks.subscription import Subscription
 
 
 class TaskStatus(str, Enum):
@@ -142,6 +143,7 @@ class TaskHandle:
     cached: bool = False  # true when it joined work an earlier submission started
     created_at: float = field(default_factory=time.time)
     cancelled: TaskRecord | None = None
+    webhook: Subscription | None = None  # what this submission asked to be told, and how it went
 
     def cancel(self, work: TaskRecord, ttl_s: float) -> None:
         now = time.time()
@@ -151,12 +153,14 @@ class TaskHandle:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["cancelled"] = self.cancelled.to_dict() if self.cancelled else None
+        d["webhook"] = self.webhook.to_dict() if self.webhook else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskHandle":
         d = dict(d)
         d["cancelled"] = TaskRecord.from_dict(d["cancelled"]) if d.get("cancelled") else None
+        d["webhook"] = Subscription.from_dict(d["webhook"]) if d.get("webhook") else None
         return cls(**d)
 
 
