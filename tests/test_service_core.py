@@ -359,3 +359,15 @@ def test_an_idempotency_key_holds_across_services_sharing_a_redis(shared_redis, 
     assert again.replayed and again.handle.id == held.handle.id and second.executor.depth() == 0
     with pytest.raises(IdempotencyKeyReused):
         second.submit(PHOTO, TaskOptions(outputs=("labels",)), "alice", idempotency_key="k")
+
+
+def test_a_replay_keeps_the_first_submissions_webhook(core):
+    from m2fp_api.webhooks.subscription import parse_subscription
+
+    first = core.submit(PHOTO, OPTIONS, None, idempotency_key="k",
+                        webhook=parse_subscription("http://127.0.0.1:9/first", None))
+    again = core.submit(PHOTO, OPTIONS, None, idempotency_key="k",
+                        webhook=parse_subscription("http://127.0.0.1:9/second", None))
+    assert again.replayed and again.handle.id == first.handle.id
+    assert core.get(first.handle.id, None).handle.webhook.url == "http://127.0.0.1:9/first"
+    assert list(core.webhooks._watches) == [first.handle.id]  # watched once, for the first
