@@ -178,3 +178,14 @@ def test_webhooks_need_a_secret(tmp_path):
         assert r.status_code == 400 and "M2FP_WEBHOOK_SECRET" in r.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_a_bad_secret_is_refused_without_being_echoed(monkeypatch):
+    from pydantic import ValidationError
+
+    from m2fp_api.settings import Settings
+
+    monkeypatch.setenv("M2FP_WEBHOOK_SECRET", "whsec_not-base64-but-secret")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert "webhook_secret" in str(refused.value) and "not-base64-but-secret" not in str(refused.value)

@@ -20,7 +20,9 @@ from .engine.checkpoint import HUB_MULTIPLE
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="M2FP_", protected_namespaces=(), extra="ignore")
+    # a bad value is named, never echoed: it may be a secret (M2FP_WEBHOOK_SECRET, M2FP_API_KEY)
+    model_config = SettingsConfigDict(env_prefix="M2FP_", protected_namespaces=(), extra="ignore",
+                                      hide_input_in_errors=True)
 
     # --- model -----------------------------------------------------------------------
     model: str = Field(HUB_MULTIPLE, description=(
