@@ -130,3 +130,10 @@ def test_a_handles_webhook_and_its_deliveries_are_kept_with_it(make_store):
     assert store.lookup("h2").handle.webhook.deliveries[0].attempts == 1
     store.put_webhook("unknown", subscription)  # a handle that is gone: nothing to keep
     assert store.lookup("unknown") is None
+
+
+def test_options_stored_by_the_previous_release_still_load():
+    from m2fp_api.result_json import MaskFormat
+
+    old = TaskOptions.from_dict({"outputs": ["mask", "parts"], "overlay_alpha": 0.5})
+    assert (old.outputs, old.masks, old.model) == (("mask", "parts"), MaskFormat.none, None)

@@ -67,8 +67,9 @@ class TaskOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskOptions":
+        # tasks stored by an older release (in Redis across an upgrade) have neither field
         return cls(outputs=tuple(d["outputs"]), overlay_alpha=float(d["overlay_alpha"]),
-                   masks=MaskFormat(d["masks"]), model=d["model"])
+                   masks=MaskFormat(d.get("masks", MaskFormat.none.value)), model=d.get("model"))
 
 
 def content_key(payload: bytes, options: TaskOptions, owner: str | None) -> str:
