@@ -322,7 +322,7 @@ def test_a_key_refused_work_frees_and_a_claim_is_taken_once(core):
     assert not held.replayed and core.executor.depth() == 1
     # two racing claims of one key: one takes it, the other is told who holds it
     scope = idempotency_scope("race", None)
-    key = content_key(PHOTO, OPTIONS, core.executor.model.info.id, None)
+    key = content_key(PHOTO, OPTIONS.for_model(core.executor.models[0].info), None)
     claims = [IdempotencyClaim(handle_id=f"h{i}", content_key=key) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda c: core.store.claim(scope, c), claims))
