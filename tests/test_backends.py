@@ -14,6 +14,7 @@ from m2fp_api import HumanParser, oracle
 from m2fp_api.engine.backends import select_backend
 from m2fp_api.engine.checkpoint import load_network
 from m2fp_api.engine.compiled import input_sizes, multiple_human_sizes
+from m2fp_api.engine.int8 import Int8Backbone, calibration_inputs, quantize_backbone
 from m2fp_api.engine.optimize import optimize
 
 ORACLE = FIXTURES / "oracle"
@@ -56,16 +57,41 @@ def test_oracle_scenes_are_reproducible():
     assert not np.array_equal(a.image, oracle.scene(8, 96, 80).image)
 
 
-def test_fast_agrees_with_exact_on_the_oracle(oracle_exact, scenes, exact_maps):
-    """bf16 through the whole network, forced (this CPU may lack native bf16: it then
-    runs correctly, slowly)."""
-    backend = select_backend("fast", threads=oracle_exact.backend.threads, bf16=True)
-    assert (backend.name, backend.level) == ("torch-bf16", "fast")
-    fast = HumanParser(optimize(load_network(oracle_exact.source), backend.level),
+@pytest.mark.parametrize("bf16, int8, name", [
+    (True, False, "torch-bf16"), (True, True, "torch-int8-bf16"), (False, True, "torch-int8")])
+def test_fast_agrees_with_exact_on_the_oracle(oracle_exact, scenes, exact_maps, bf16, int8, name):
+    """Each form `fast` takes, forced (this CPU may lack native bf16 or int8 dot
+    products: they then run correctly, slowly): bf16 through the whole network; the
+    backbone in int8 with bf16 heads; the backbone in int8 with fp32 heads."""
+    backend = select_backend("fast", threads=oracle_exact.backend.threads, bf16=bf16, int8=int8)
+    assert (backend.name, backend.int8_backbone) == (name, int8)
+    fast = HumanParser(optimize(load_network(oracle_exact.source), backend.level, backend.int8_backbone),
                        oracle_exact.source, backend)
+    assert isinstance(fast.network.backbone, Int8Backbone) == int8
     agreement = np.mean([oracle.agreement(e, fast.parse(s.image).class_map)
                          for e, s in zip(exact_maps, scenes)])
     assert agreement >= MIN_AGREEMENT, agreement
+
+
+def test_int8_backbone_tracks_the_float_one(oracle_exact, scenes):
+    """Every stage map of the int8 backbone stays close to the folded float backbone's on a
+    held-out scene (not a calibration one), and comes back as floats of the right shape."""
+    network = optimize(load_network(oracle_exact.source), "exact")
+    quantized = quantize_backbone(network.backbone, calibration_inputs(network.prepare))
+    x = network.prepare(torch.from_numpy(np.ascontiguousarray(scenes[0].image)).permute(2, 0, 1)[None].float())
+    with torch.inference_mode():
+        expected, got = network.backbone(x), quantized(x)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name].dtype == torch.float32 and got[name].shape == expected[name].shape
+        error = (got[name] - expected[name]).norm() / expected[name].norm()
+        assert error < 0.1, (name, float(error))
+
+
+def test_fast_falls_back_to_exact_without_native_bf16_or_int8():
+    backend = select_backend("fast", threads=2, bf16=False, int8=False)
+    assert (backend.name, backend.dtype, backend.level, backend.int8_backbone) == (
+        "torch-fp32", "float32", "exact", False)
 
 
 def test_reference_agrees_with_exact_on_the_oracle(oracle_exact, scenes, exact_maps):
@@ -74,11 +100,6 @@ def test_reference_agrees_with_exact_on_the_oracle(oracle_exact, scenes, exact_m
     agreement = np.mean([oracle.agreement(e, reference.parse(s.image).class_map)
                          for e, s in zip(exact_maps, scenes)])
     assert agreement >= MIN_AGREEMENT, agreement
-
-
-def test_fast_falls_back_to_exact_without_native_bf16():
-    backend = select_backend("fast", threads=2, bf16=False)
-    assert (backend.name, backend.dtype, backend.level) == ("torch-fp32", "float32", "exact")
 
 
 # --- ONNX -----------------------------------------------------------------------------

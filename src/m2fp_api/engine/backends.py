@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,15 +19,17 @@ BACKENDS = ("exact", "fast", "reference", "onnxruntime")
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # "torch-fp32", "torch-bf16", "torch-fp32-reference" or "onnxruntime-fp32"
+    name: str  # "torch-fp32", "torch-int8-bf16", "torch-int8", "torch-bf16",
+    # "torch-fp32-reference" or "onnxruntime-fp32"
     dtype: str
     threads: int
     level: str  # the network optimisation level (engine.optimize)
+    int8_backbone: bool = False  # the backbone quantised to int8 (engine.int8)
 
 
 def _cpuinfo() -> str:
     try:
-        return open("/proc/cpuinfo").read()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
 
@@ -41,12 +44,18 @@ def cpu_name() -> str:
 def cpu_simd() -> tuple[str, ...]:
     """The vector extensions that matter here, as the kernel reports them."""
     flags = _cpuinfo()
-    return tuple(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
+    return tuple(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni",
+                             "amx_int8") if f" {f}" in flags)
 
 
 def cpu_supports_bf16() -> bool:
     """bf16 only pays off with native instructions (AVX512-BF16 or AMX)."""
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_simd()))
+
+
+def cpu_supports_int8() -> bool:
+    """int8 only pays off with native dot products (VNNI or AMX-INT8)."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_simd()))
 
 
 def configure_threads(threads: int) -> int:
@@ -57,13 +66,22 @@ def configure_threads(threads: int) -> int:
     return threads
 
 
-def select_backend(requested: str, threads: int, bf16: bool | None = None) -> Backend:
-    """`fast` uses bf16 only where the CPU runs it natively (`bf16` overrides the check);
-    elsewhere it is the exact path, and says so in its name."""
+def select_backend(requested: str, threads: int, bf16: bool | None = None,
+                   int8: bool | None = None) -> Backend:
+    """`fast` uses what the CPU runs natively: an int8 backbone with VNNI or AMX-INT8,
+    bf16 heads (or everything in bf16 without int8) with AVX512-BF16 or AMX; `bf16` and
+    `int8` override the checks. With neither it is the exact path, and says so in its name."""
     if requested == "reference":
         return Backend("torch-fp32-reference", "float32", threads, "reference")
     if requested == "onnxruntime":
         return Backend("onnxruntime-fp32", "float32", threads, "onnx")
-    if requested == "fast" and (cpu_supports_bf16() if bf16 is None else bf16):
-        return Backend("torch-bf16", "bfloat16+float32", threads, "fast")
+    if requested == "fast":
+        bf16 = cpu_supports_bf16() if bf16 is None else bf16
+        int8 = cpu_supports_int8() if int8 is None else int8
+        level = "fast" if bf16 else "exact"
+        if int8:
+            return Backend("torch-int8-bf16" if bf16 else "torch-int8",
+                           "int8+bfloat16+float32" if bf16 else "int8+float32", threads, level, True)
+        if bf16:
+            return Backend("torch-bf16", "bfloat16+float32", threads, level)
     return Backend("torch-fp32", "float32", threads, "exact")

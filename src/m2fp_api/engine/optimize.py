@@ -12,7 +12,8 @@ path):
 `fast` runs the whole network under bf16 autocast: convolutions and matrix products
 in bf16, the residual streams, normalisation statistics, softmax, deformable sampling
 locations and weights, and the outputs in fp32 (judged by agreement with `exact` on the
-trained fidelity oracle, `m2fp_api.oracle`). `reference` leaves the network as
+trained fidelity oracle, `m2fp_api.oracle`). Where the CPU has int8 dot products,
+`fast` also runs the backbone in int8 (`engine.int8`). `reference` leaves the network as
 ModelScope computes it, for same-run baselines.
 """
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..model import M2FP, InferenceVariant
 from ..model.layers import ConvNorm
+from .int8 import calibration_inputs, quantize_backbone
 
 EXACT = InferenceVariant(gathered_sampling=True, level_masks=True, channels_last=True)
 VARIANTS = {"reference": InferenceVariant(gathered_sampling=False), "exact": EXACT,
@@ -47,9 +49,14 @@ def fold_batchnorm(network: nn.Module) -> int:
     return folded
 
 
-def optimize(network: M2FP, level: str) -> M2FP:
-    """`exact`: the rewrites above; `fast`: plus bf16 autocast; `reference`: none."""
+def optimize(network: M2FP, level: str, int8_backbone: bool = False) -> M2FP:
+    """`exact`: the rewrites above; `fast`: plus bf16 autocast; `reference`: none.
+    `int8_backbone`: the (folded) backbone swapped for its int8 twin."""
     if level != "reference":
         fold_batchnorm(network)
     network.configure(VARIANTS[level])
+    if int8_backbone:
+        if level == "reference":
+            raise ValueError("the reference network is not quantised")
+        network.backbone = quantize_backbone(network.backbone, calibration_inputs(network.prepare))
     return network

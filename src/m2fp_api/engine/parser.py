@@ -82,7 +82,8 @@ class HumanParser:
                                allow_download=allow_download)
         threads = configure_threads(threads)
         selected = select_backend(backend, threads)
-        network = optimize(load_network(source), "exact" if selected.level == "onnx" else selected.level)
+        network = optimize(load_network(source), "exact" if selected.level == "onnx" else selected.level,
+                           int8_backbone=selected.int8_backbone)
         compiler = None
         if selected.level == "onnx":
             network = onnx_network(network, source, cache_dir, threads)
