@@ -98,11 +98,13 @@ def gather_and_weight(
     per_head = (batch * queries, heads, levels * points)
     token = torch.stack([t.view(per_head) for t in (row0 + ix0, row0 + ix1, row1 + ix0, row1 + ix1)], 2)
     # row of the (batch, token, head) table; the batch offset is added in integers
+    # int32 rows (embedding_bag takes them): half the bytes of the largest temporary, a
+    # third off the sampling's time; a batch's table has far fewer than 2**31 rows
     head = torch.arange(heads, dtype=token.dtype, device=value.device).view(1, heads, 1, 1)
-    index = (token * heads + head).long()
+    index = (token * heads + head).int()
     if batch > 1:
-        index += (torch.arange(batch, device=value.device) * (total * heads)).repeat_interleave(
-            queries).view(-1, 1, 1, 1)
+        index += (torch.arange(batch, dtype=torch.int32, device=value.device) * (total * heads)
+                  ).repeat_interleave(queries).view(-1, 1, 1, 1)
     weight = torch.stack([w.view(per_head) for w in (wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1)], 2)
     per_bag = levels * points * 4
     # the bilinear weights stay fp32 (a bf16 value table is widened, a few MB)
