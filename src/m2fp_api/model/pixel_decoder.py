@@ -121,7 +121,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         """
         srcs, pos = [], []
         for proj, f in zip(self.input_proj, reversed(self.transformer_in_features)):
-            x = features[f].float() if f in self.fpn_features else features.pop(f).float()
+            x = features[f] if f in self.fpn_features else features.pop(f)
             srcs.append(proj(x))
             pos.append(sine_position_embedding(x.shape[0], x.shape[2], x.shape[3],
                                                self.conv_dim // 2,
@@ -137,7 +137,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # (no local keeps a backbone map or a lateral alive past its use: at 1/4 scale
         # each is a full 256-channel map, and this is where the parse peaks in memory)
         for idx in reversed(range(self.num_fpn_levels)):
-            lateral = getattr(self, f"adapter_{idx + 1}")(features.pop(self.fpn_features[idx]).float())
+            lateral = getattr(self, f"adapter_{idx + 1}")(features.pop(self.fpn_features[idx]))
             # from a contiguous map: bilinear upsampling of the encoder's strided view (or
             # of a channels-last map) is several times slower on CPU than of NCHW
             lateral += F.interpolate(outs[-1].contiguous(), size=lateral.shape[-2:],
