@@ -88,6 +88,27 @@ def test_int8_backbone_tracks_the_float_one(oracle_exact, scenes):
         assert error < 0.1, (name, float(error))
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8-bf16"])
+def test_fast_stores_its_matrix_weights_in_bf16_with_identical_outputs(oracle_exact, int8, monkeypatch):
+    """Weights kept in bf16 compute exactly what autocast's per-call rounding of the fp32
+    weights computed."""
+    from m2fp_api.engine import optimize as optimize_module
+
+    x = torch.rand(1, 3, 200, 264, generator=torch.Generator().manual_seed(0)) * 255
+    outputs = []
+    for store in (False, True):
+        with monkeypatch.context() as patch:
+            if not store:
+                patch.setattr(optimize_module, "store_matrix_weights", lambda network, dtype: 0)
+            network = optimize(load_network(oracle_exact.source), "fast", int8_backbone=int8)
+        linear = network.sem_seg_head.predictor.class_embed
+        assert linear.weight.dtype == (torch.bfloat16 if store else torch.float32)
+        with torch.inference_mode():
+            outputs.append(network(x))
+    torch.testing.assert_close(outputs[0].pred_logits, outputs[1].pred_logits, atol=0, rtol=0)
+    torch.testing.assert_close(outputs[0].pred_masks, outputs[1].pred_masks, atol=0, rtol=0)
+
+
 def test_fast_falls_back_to_exact_without_native_bf16_or_int8():
     backend = select_backend("fast", threads=2, bf16=False, int8=False)
     assert (backend.name, backend.dtype, backend.level, backend.int8_backbone) == (
