@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import PixelDecoderConfig
 from .deform_attn import MSDeformAttn
-from .layers import ConvNorm, sine_position_embedding
+from .layers import ConvNorm, resize_bilinear, sine_position_embedding
 
 # the transformer decoder always reads three scales
 NUM_DECODER_LEVELS = 3
@@ -140,8 +140,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             lateral = getattr(self, f"adapter_{idx + 1}")(features.pop(self.fpn_features[idx]))
             # from a contiguous map: bilinear upsampling of the encoder's strided view (or
             # of a channels-last map) is several times slower on CPU than of NCHW
-            lateral += F.interpolate(outs[-1].contiguous(), size=lateral.shape[-2:],
-                                     mode="bilinear", align_corners=False)
+            lateral += resize_bilinear(outs[-1].contiguous(), lateral.shape[-2:])
             outs.append(getattr(self, f"layer_{idx + 1}")(lateral))
             del lateral
         return self.mask_features(outs[-1]), outs[:NUM_DECODER_LEVELS]

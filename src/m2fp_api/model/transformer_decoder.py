@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig
-from .layers import MLP, ConvNorm, sine_position_embedding
+from .layers import MLP, ConvNorm, resize_bilinear, sine_position_embedding
 from .pixel_decoder import NUM_DECODER_LEVELS
 
 
@@ -118,8 +118,7 @@ class MaskedTransformerDecoder(nn.Module):
         """Mask logits at a decoder level's resolution, for its attention mask."""
         if self.resize_features_first:
             return self._mask_logits(output, resized_features[level])
-        return F.interpolate(self._mask_logits(output, mask_features), size=size, mode="bilinear",
-                             align_corners=False)
+        return resize_bilinear(self._mask_logits(output, mask_features), size)
 
     def forward(self, features: list[torch.Tensor], mask_features: torch.Tensor):
         """Returns (class logits (B, Q, C+1), mask logits (B, Q, H/4, W/4))."""
@@ -136,7 +135,7 @@ class MaskedTransformerDecoder(nn.Module):
         output = self.query_feat.weight.unsqueeze(1).repeat(1, batch, 1)
 
         resized = [
-            F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+            resize_bilinear(mask_features, size)
             for size in sizes
         ] if self.resize_features_first else []
         for i in range(self.num_layers):
