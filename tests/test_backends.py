@@ -127,7 +127,7 @@ def test_reference_agrees_with_exact_on_the_oracle(oracle_exact, scenes, exact_m
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory):
-    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    pytest.importorskip("onnxscript", reason="the [onnx] extra (the exporter) is not installed")
     from m2fp_api.engine.onnx import export_onnx
 
     network = optimize(load_network(HumanParser.from_pretrained(
@@ -135,32 +135,42 @@ def onnx_model(tmp_path_factory):
     return export_onnx(network, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
+RUNTIMES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # backend -> its module
+
+
+@pytest.fixture(params=list(RUNTIMES))
+def runtime(request):
+    pytest.importorskip(RUNTIMES[request.param], reason=f"{request.param}'s extra is not installed")
+    return request.param
+
+
 @pytest.mark.timeout(900)  # includes the export (the module's fixture): a minute or more
 @pytest.mark.parametrize("size", [(640, 1152), (1344, 640)], ids=["landscape", "portrait"])
-def test_onnx_round_trip_matches_torch_at_two_aspect_ratios(onnx_model, multiple_parser, size):
-    """One export, any input size: ONNX Runtime's outputs equal the torch network's
+def test_onnx_round_trip_matches_torch_at_two_aspect_ratios(onnx_model, multiple_parser, size, runtime):
+    """One export, any input size: each runtime's outputs equal the torch network's
     within the parity tolerance, at sizes the export was not traced at."""
     from m2fp_api.engine.onnx import EXAMPLE_SIZE, OnnxNetwork
 
     assert size != EXAMPLE_SIZE
-    runtime = OnnxNetwork(onnx_model, multiple_parser.config, threads=2)
+    exported = OnnxNetwork(onnx_model, multiple_parser.config, threads=2, runtime=runtime)
     images = torch.rand(1, 3, size[0] - 5, size[1] - 7, generator=torch.Generator().manual_seed(0)) * 255
     with torch.inference_mode():
         expected = multiple_parser.network(images)
-    got = runtime(images)
+    got = exported(images)
     assert got.padded_size == expected.padded_size == size
     torch.testing.assert_close(got.pred_logits, expected.pred_logits, atol=LOGIT_TOL, rtol=0)
     torch.testing.assert_close(got.pred_masks, expected.pred_masks, atol=LOGIT_TOL, rtol=0)
 
 
 @pytest.mark.timeout(900)
-def test_onnx_backend_matches_the_parity_fixture(onnx_model, multiple_parser, tmp_path):
-    """The parser on ONNX Runtime reproduces ModelScope's head outputs for the fixture."""
+def test_onnx_backend_matches_the_parity_fixture(onnx_model, multiple_parser, tmp_path, runtime):
+    """The exported network, in each runtime, reproduces ModelScope's head outputs for
+    the fixture."""
     from m2fp_api.engine.onnx import OnnxNetwork
 
     expected = load_expected("tiny-multiple")
     x = torch.from_numpy(expected["astronaut.jpg:input"]).float()[None]
-    out = OnnxNetwork(onnx_model, multiple_parser.config, threads=2)(x)
+    out = OnnxNetwork(onnx_model, multiple_parser.config, threads=2, runtime=runtime)(x)
     np.testing.assert_allclose(out.pred_logits.numpy(), expected["astronaut.jpg:pred_logits"],
                                atol=LOGIT_TOL)
     ref = expected["astronaut.jpg:pred_masks"].astype(np.float32)  # stored as fp16
@@ -168,13 +178,18 @@ def test_onnx_backend_matches_the_parity_fixture(onnx_model, multiple_parser, tm
     assert (err <= LOGIT_TOL + np.abs(ref) * 2.0**-11).all(), float(err.max())
 
 
+@pytest.fixture(scope="module")
+def oracle_cache(tmp_path_factory):
+    """One cache directory for both runtimes: the oracle is exported once, by the first."""
+    return tmp_path_factory.mktemp("oracle-cache")
+
+
 @pytest.mark.timeout(900)
-def test_onnx_backend_agrees_with_exact_on_the_oracle(tmp_path, scenes, exact_maps):
-    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
-    parser = HumanParser.from_pretrained(ORACLE, backend="onnxruntime", cache_dir=tmp_path,
+def test_onnx_backend_agrees_with_exact_on_the_oracle(oracle_cache, scenes, exact_maps, runtime):
+    parser = HumanParser.from_pretrained(ORACLE, backend=runtime, cache_dir=oracle_cache,
                                          allow_download=False)
-    assert parser.info.backend == "onnxruntime-fp32"
-    assert list((tmp_path / "onnx").glob("*.onnx")), "exported once into the cache directory"
+    assert parser.info.backend == f"{runtime}-fp32"
+    assert len(list((oracle_cache / "onnx").glob("*.onnx"))) == 1, "exported once, into the cache directory"
     agreement = np.mean([oracle.agreement(e, parser.parse(s.image).class_map)
                          for e, s in zip(exact_maps, scenes)])
     assert agreement >= MIN_AGREEMENT, agreement

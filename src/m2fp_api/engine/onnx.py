@@ -1,4 +1,5 @@
-"""ONNX export of the network, and ONNX Runtime as a backend (`pip install '.[onnx]'`).
+"""ONNX export of the network, and two runtimes for it as backends: ONNX Runtime
+(`pip install '.[onnx]'`) and OpenVINO (`pip install '.[openvino]'`), both in fp32.
 
 The exported graph is `M2FP.predict`: a normalised input padded to a multiple of 32
 (any size: height and width are dynamic) -> class logits and mask logits. Deformable
@@ -16,6 +17,7 @@ import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -79,23 +81,11 @@ def cached_export_path(cache_dir: Path, weights: Path) -> Path:
 
 
 class OnnxNetwork:
-    """Runs an exported model in ONNX Runtime; called like `M2FP` (images in, a
-    NetworkOutput out), so the engine's pre- and post-processing are shared."""
+    """Runs an exported model in ONNX Runtime or OpenVINO; called like `M2FP` (images in,
+    a NetworkOutput out), so the engine's pre- and post-processing are shared."""
 
-    def __init__(self, path: Path, config: M2FPConfig, threads: int) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:  # the optional extra is missing
-            raise ModelUnavailable(
-                "M2FP_BACKEND=onnxruntime needs ONNX Runtime: pip install 'm2fp-api[onnx]'.") from exc
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # no arena: activations go back to the allocator after each run, as in torch,
-        # so idle memory does not keep the largest parse's peak
-        options.enable_cpu_mem_arena = False
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def __init__(self, path: Path, config: M2FPConfig, threads: int, runtime: str = "onnxruntime") -> None:
+        self.run = (_openvino if runtime == "openvino" else _onnxruntime)(path, threads)
         self.config = config
 
     def eval(self) -> "OnnxNetwork":
@@ -103,16 +93,60 @@ class OnnxNetwork:
 
     def __call__(self, images: torch.Tensor) -> NetworkOutput:
         x = prepare_input(images, PIXEL_MEAN, PIXEL_STD)
-        logits, masks = self.session.run(None, {"image": np.ascontiguousarray(x.numpy())})
+        logits, masks = self.run(np.ascontiguousarray(x.numpy()))
         return NetworkOutput(pred_logits=torch.from_numpy(logits), pred_masks=torch.from_numpy(masks),
                              padded_size=tuple(x.shape[-2:]))
 
 
-def onnx_network(network: M2FP, source, cache_dir: Path, threads: int) -> OnnxNetwork:
-    """The ONNX Runtime twin of a loaded (exact) network, exported on first use into
-    the cache directory. The torch network is not kept: ONNX Runtime holds the weights."""
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _onnxruntime(path: Path, threads: int) -> Runner:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # the optional extra is missing
+        raise ModelUnavailable(
+            "M2FP_BACKEND=onnxruntime needs ONNX Runtime: pip install 'm2fp-api[onnx]'.") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # no arena: activations go back to the allocator after each run, as in torch,
+    # so idle memory does not keep the largest parse's peak
+    options.enable_cpu_mem_arena = False
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: tuple(session.run(None, {"image": x}))
+
+
+def _openvino(path: Path, threads: int) -> Runner:
+    try:
+        import openvino as ov
+    except ImportError as exc:  # the optional extra is missing
+        raise ModelUnavailable(
+            "M2FP_BACKEND=openvino needs OpenVINO: pip install 'm2fp-api[openvino]'.") from exc
+    # fp32 always: OpenVINO would pick bf16 itself on CPUs with native bf16 (and its bf16
+    # attention kernels fail to build on AVX512-BF16 CPUs without AMX)
+    compiled = ov.Core().compile_model(str(path), "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
+    logits, masks = compiled.outputs
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # a request per call: requests are not shared between threads, and their output
+        # buffers would be overwritten by the next one
+        out = compiled.create_infer_request().infer({0: x})
+        return out[logits], out[masks]
+
+    return run
+
+
+def onnx_network(network: M2FP, source, cache_dir: Path, threads: int,
+                 runtime: str = "onnxruntime") -> OnnxNetwork:
+    """The ONNX Runtime (or OpenVINO) twin of a loaded (exact) network, exported on first
+    use into the cache directory. The torch network is not kept: the runtime holds the
+    weights."""
     path = cached_export_path(cache_dir, source.path / WEIGHTS_FILE)
     if not path.exists():
         log.info("exporting the network to ONNX once, into %s (a minute or more)", path.parent)
         export_onnx(network, path)
-    return OnnxNetwork(path, network.config, threads)
+    return OnnxNetwork(path, network.config, threads, runtime)

@@ -86,7 +86,7 @@ class HumanParser:
                            int8_backbone=selected.int8_backbone)
         compiler = None
         if selected.level == "onnx":
-            network = onnx_network(network, source, cache_dir, threads)
+            network = onnx_network(network, source, cache_dir, threads, runtime=backend)
         elif compile and selected.level != "reference":
             compiler = CompiledHeads(network, input_sizes(network.config), cache_dir)
         return cls(network, source, selected, compiler=compiler,
