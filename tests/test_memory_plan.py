@@ -105,6 +105,22 @@ def test_plan_sizes_slots_and_refuses_what_a_slot_cannot_hold():
     assert "30000x800" in refused.value.message and f"{crowded.max_pixels} pixels" in refused.value.message
 
 
+def test_the_plan_counts_each_backends_network_memory():
+    """The exported-graph runtimes need more for the network than torch: the same budget
+    holds smaller photos with them, and a budget too small for OpenVINO's network
+    refuses every photo (logged at start) rather than promise memory it lacks."""
+    idle = 500 * MB
+    torch_plan = MemoryPlan.for_service(Settings(memory_budget_mb=2048), idle)
+    ort = MemoryPlan.for_service(Settings(memory_budget_mb=2048, backend="onnxruntime"), idle)
+    assert ort.network_bytes > torch_plan.network_bytes and ort.max_pixels < torch_plan.max_pixels
+    assert task_bytes(10**6, "onnxruntime") - task_bytes(10**6) == ort.network_bytes - NETWORK_WORKING_BYTES
+    openvino = MemoryPlan.for_service(Settings(memory_budget_mb=2048, backend="openvino"), 1000 * MB)
+    assert openvino.max_pixels < 0
+    with pytest.raises(ImageTooLarge):
+        openvino.admit(640, 480)
+    MemoryPlan.for_service(Settings(memory_budget_mb=4096, backend="openvino"), 1000 * MB).admit(4000, 3000)
+
+
 def test_the_plan_counts_every_model_the_service_loads(tmp_path, monkeypatch):
     """With several models (M2FP_MODELS) the idle RSS the slots are sized from is measured
     once every one of them is loaded and warmed, and the service is ready only then."""

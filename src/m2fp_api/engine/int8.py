@@ -116,7 +116,8 @@ class QuantizedBottleneck(nn.Module):
 
 class Int8Backbone(nn.Module):
     """A DeepLabResNet's twin in int8: same input (normalised fp32), same outputs (a dict
-    of fp32 stage maps), same `out_features`, `channels` and `strides`."""
+    of stage maps, in autocast's dtype when it is on, else fp32), same `out_features`,
+    `channels` and `strides`."""
 
     def __init__(self, backbone: DeepLabResNet, ranges: dict[nn.Module, Range], reduce_range: bool) -> None:
         super().__init__()
@@ -180,5 +181,7 @@ def quantize_backbone(backbone: DeepLabResNet, inputs: list[torch.Tensor]) -> In
     """The int8 twin of a BatchNorm-folded backbone, calibrated on `inputs`. Without
     VNNI, activations get 7 bits: 8-bit products summed in pairs can saturate the 16-bit
     sums such CPUs compute int8 dot products with."""
+    # oneDNN's kernels use AMX where the CPU has it; the default engine ("x86") sends
+    # some shapes to FBGEMM, which does not (process-wide: this is its only user)
     torch.backends.quantized.engine = "onednn"
     return Int8Backbone(backbone, observe_ranges(backbone, inputs), reduce_range=not cpu_supports_int8()).eval()

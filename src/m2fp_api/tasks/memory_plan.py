@@ -27,6 +27,10 @@ MB = 2**20
 # 2 MP photo, in a process that had run other tasks) and the photo-size-independent part
 # of post-processing (chunks of M2FP_POSTPROCESS_CHUNK_MB, the network's outputs)
 NETWORK_WORKING_BYTES = 520 * MB
+# The same for the backends that run the exported graph (deformable attention by
+# `grid_sample`, unchunked), from `make bench` at 1152 x 640 (ONNX Runtime 0.76 GB,
+# OpenVINO 1.35 GB over idle, post-processing taken out), scaled to 1344 x 640, plus ~10 %
+EXPORTED_NETWORK_WORKING_BYTES = {"onnxruntime": 1000 * MB, "openvino": 1750 * MB}
 # Per photo pixel: the upload and the decoded photo (Pillow keeps RGB as 4 B), the class
 # map, the running best and the class canvas (10 B), one query's full-resolution
 # logits, signs and box temporaries (~11 B), rendering (the overlay's full-size copy).
@@ -35,25 +39,31 @@ NETWORK_WORKING_BYTES = 520 * MB
 BYTES_PER_PIXEL = 29
 
 
-def task_bytes(pixels: int) -> int:
+def network_bytes(backend: str) -> int:
+    """The network's working memory on `backend` (an M2FP_BACKEND value)."""
+    return EXPORTED_NETWORK_WORKING_BYTES.get(backend, NETWORK_WORKING_BYTES)
+
+
+def task_bytes(pixels: int, backend: str = "exact") -> int:
     """Memory one task needs for a photo of `pixels` (width x height), beyond the idle
     process, whatever its shape: the network's share is taken at its largest input, and
     no shape costs more per pixel than another (measured)."""
-    return NETWORK_WORKING_BYTES + BYTES_PER_PIXEL * pixels
+    return network_bytes(backend) + BYTES_PER_PIXEL * pixels
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
     slots: int
     task_budget: int  # bytes one task may use: (budget - idle RSS) / slots
+    network_bytes: int = NETWORK_WORKING_BYTES  # the backend's (network_bytes)
 
     @classmethod
     def for_service(cls, settings: Settings, idle_rss: int) -> "MemoryPlan":
         """As many slots as tasks at the largest accepted photo fit the budget (at least
         one), unless `M2FP_SLOTS` sets them."""
         free = max(0, settings.memory_budget_mb * MB - idle_rss)
-        slots = settings.slots or max(1, free // task_bytes(settings.max_pixels))
-        plan = cls(slots=slots, task_budget=free // slots)
+        slots = settings.slots or max(1, free // task_bytes(settings.max_pixels, settings.backend))
+        plan = cls(slots=slots, task_budget=free // slots, network_bytes=network_bytes(settings.backend))
         if plan.max_pixels < settings.max_pixels:
             log.warning("a memory budget of %d MB with %d slot(s) leaves %d MB a task: photos over %d "
                         "pixels will be refused (M2FP_MAX_PIXELS is %d)", settings.memory_budget_mb,
@@ -63,11 +73,11 @@ class MemoryPlan:
     @property
     def max_pixels(self) -> int:
         """The largest photo a task's share of the budget holds."""
-        return (self.task_budget - NETWORK_WORKING_BYTES) // BYTES_PER_PIXEL
+        return (self.task_budget - self.network_bytes) // BYTES_PER_PIXEL
 
     def admit(self, width: int, height: int) -> None:
         """Refuse, before queueing, a photo whose task would not fit its share."""
-        need = task_bytes(width * height)
+        need = self.network_bytes + BYTES_PER_PIXEL * width * height
         if need > self.task_budget:
             raise ImageTooLarge(
                 f"The image is {width}x{height}: parsing it needs about {need // MB} MB, more than "
