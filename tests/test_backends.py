@@ -11,7 +11,7 @@ import torch
 
 from conftest import FIXTURES, PARITY, load_expected
 from m2fp_api import HumanParser, oracle
-from m2fp_api.engine.backends import select_backend
+from m2fp_api.engine.backends import ONNX_RUNTIMES, select_backend
 from m2fp_api.engine.checkpoint import load_network
 from m2fp_api.engine.compiled import input_sizes, multiple_human_sizes
 from m2fp_api.engine.int8 import Int8Backbone, calibration_inputs, quantize_backbone
@@ -135,12 +135,10 @@ def onnx_model(tmp_path_factory):
     return export_onnx(network, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
-RUNTIMES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # backend -> its module
-
-
-@pytest.fixture(params=list(RUNTIMES))
+@pytest.fixture(params=ONNX_RUNTIMES)
 def runtime(request):
-    pytest.importorskip(RUNTIMES[request.param], reason=f"{request.param}'s extra is not installed")
+    """Each backend that runs the export (named as its Python module)."""
+    pytest.importorskip(request.param, reason=f"{request.param}'s extra is not installed")
     return request.param
 
 

@@ -228,8 +228,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency and memory on a full-size random checkpoint")
     p.add_argument("--sizes", default="512x512,960x540,1920x1080")
     p.add_argument("--runs", type=int, default=5, help="timed runs per size, after one warm-up")
-    p.add_argument("--backends", default="reference,exact,fast,onnxruntime,openvino",
-                   help="reference = ModelScope's formulation: the same-run baseline")
+    p.add_argument("--backends", default=",".join(sorted(BACKENDS, key=lambda b: b != "reference")),
+                   help="reference (ModelScope's formulation, the same-run baseline) runs first")
     p.add_argument("--no-compile", action="store_true", help="run exact and fast eagerly")
     p.add_argument("--no-peer", action="store_true", help="skip ModelScope's pipeline even if set up")
     p.add_argument("--json", dest="json_path", help="also write the results here")
