@@ -4,18 +4,22 @@ AMX-INT8): its convolutions are about twice as fast as in bf16 there.
 Post-training static quantisation of the BatchNorm-folded ResNet: weights per output
 channel (symmetric int8), activations per tensor (asymmetric uint8) with ranges
 observed once, at load, on `m2fp_api.oracle`'s procedural scenes; each convolution is
-fused with its ReLU and each residual sum with its ReLU, so the tensors stay int8 from
-the stem to the last stage, and only the stage outputs the heads read are turned back
-into floats. Judged like every approximation, by agreement with `exact` on the trained
-fidelity oracle (tests/test_backends.py, and the benchmark).
+fused with its ReLU, and each block's last convolution with the residual sum and its
+ReLU, so the activations stay uint8 from the stem to the last stage and only the stage
+outputs the heads read are turned back into floats. Judged like every approximation, by
+agreement with `exact` on the trained fidelity oracle (tests/test_backends.py, and the
+benchmark).
 
-PyTorch's quantized kernels through oneDNN, which picks VNNI or AMX where the CPU has
-them; elsewhere they run correctly, without the speed.
+The kernels are oneDNN's int8 convolutions on plain uint8/int8 tensors, the operators
+PyTorch's own compiler lowers quantised models to. oneDNN picks VNNI or AMX where the
+CPU has them and runs correctly, without the speed, elsewhere; it keeps a primitive per
+input shape. (PyTorch's older quantized-tensor kernels cache one primitive, for the
+first shape they see: after the service's 128 px warm-up every photo ran the backbone
+at half speed, and 2.13 deprecates those tensors.)
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,12 +30,6 @@ from torch import nn
 from ..model.backbone import Bottleneck, DeepLabResNet
 from ..model.layers import ConvNorm
 from .backends import cpu_supports_int8
-
-# PyTorch 2.13 (pinned) deprecates creating quantized tensors in favour of the separate
-# torchao package; its quantized kernels work, and one more dependency would not pay:
-# say so once here, not on every request
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
-                        category=UserWarning)
 
 # procedural scenes whose activations set the ranges: seeds apart from the oracle's
 # held-out ones, at a size that keeps the calibration under a second on the full-size
@@ -48,13 +46,22 @@ CLIPPED = 1e-4
 SAMPLED = 200_000
 
 
+@dataclass(frozen=True)
+class QParams:
+    """How an activation is stored: real value = (uint8 value - zero_point) * scale."""
+
+    scale: float
+    zero_point: int
+
+
 @dataclass
 class Range:
     """The span of the values seen at one point of the network, but for the `CLIPPED`
-    share at each end."""
+    share at each end, and the shape of the last input it was seen for."""
 
     low: float = float("inf")
     high: float = float("-inf")
+    input_shape: list[int] | None = None
 
     def observe(self, x: torch.Tensor) -> None:
         # in memory order, as a view: flattening a channels-last map would copy it
@@ -64,12 +71,12 @@ class Range:
         self.low = min(self.low, float(-(-values).topk(k).values[-1]))
         self.high = max(self.high, float(values.topk(k).values[-1]))
 
-    def qparams(self, relu: bool, reduce_range: bool) -> tuple[float, int]:
+    def qparams(self, relu: bool, reduce_range: bool) -> QParams:
         """uint8 scale and zero point covering the range (and 0, which must be exact)."""
         low, high = (0.0 if relu else min(self.low, 0.0)), max(self.high, 0.0)
         levels = 127 if reduce_range else 255
         scale = max(high - low, 1e-8) / levels
-        return scale, int(np.clip(round(-low / scale), 0, levels))
+        return QParams(scale, int(np.clip(round(-low / scale), 0, levels)))
 
 
 def _dense(x: torch.Tensor) -> bool:
@@ -77,41 +84,79 @@ def _dense(x: torch.Tensor) -> bool:
 
 
 class QuantizedConv(nn.Module):
-    """One folded ConvNorm (no norm left) as an int8 convolution, optionally with its ReLU."""
+    """One folded ConvNorm (no norm left) as an int8 convolution from uint8 at `inp` to
+    uint8 at `out`, fused with its ReLU, or with a residual sum and ReLU when called
+    with a shortcut."""
 
-    def __init__(self, conv: ConvNorm, out: Range, relu: bool, reduce_range: bool) -> None:
+    def __init__(self, conv: ConvNorm, inp: QParams, out: QParams, relu: bool,
+                 input_shape: list[int]) -> None:
         super().__init__()
         if conv.norm is not None or conv.activation is not None:
             raise ValueError("quantise a backbone after folding its BatchNorm")
         weight = conv.weight.detach().float()
-        scales = (weight.abs().amax(dim=(1, 2, 3)) / 127).clamp(min=1e-12).double()
-        qweight = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long),
-                                             0, torch.qint8)
-        bias = conv.bias.detach().float() if conv.bias is not None else None
-        self.packed = torch.ops.quantized.conv2d_prepack(qweight, bias, list(conv.stride),
-                                                         list(conv.padding), list(conv.dilation),
-                                                         conv.groups)
-        self.scale, self.zero_point = out.qparams(relu, reduce_range)
-        self.kernel = torch.ops.quantized.conv2d_relu if relu else torch.ops.quantized.conv2d
+        self.weight_scales = (weight.abs().amax(dim=(1, 2, 3)) / 127).clamp(min=1e-12)
+        self.weight_zero_points = torch.zeros_like(self.weight_scales, dtype=torch.long)
+        qweight = (weight / self.weight_scales.view(-1, 1, 1, 1)).round().clamp(-127, 127).to(torch.int8)
+        self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        # the weights reordered once into the blocked layout oneDNN's kernels want for
+        # inputs like `input_shape` (a calibration input's, photo-like). Without a shape it
+        # lays them out for a tiny input, and every photo-sized call then reorders them
+        # again (4-9x slower convolutions); kernels for tiny inputs (the warm-up) do that
+        # instead, and cost nothing that matters
+        self.packed = torch.ops.onednn.qconv_prepack(qweight, self.weight_scales, inp.scale, inp.zero_point,
+                                                     *self.geometry, input_shape)
+        self.bias = conv.bias.detach().float() if conv.bias is not None else None
+        self.inp, self.out, self.relu = inp, out, relu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel(x, self.packed, self.scale, self.zero_point)
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None,
+                shortcut_q: QParams | None = None) -> torch.Tensor:
+        common = (self.packed, self.weight_scales, self.weight_zero_points)
+        if shortcut is None:
+            return torch.ops.onednn.qconv2d_pointwise(
+                x, self.inp.scale, self.inp.zero_point, *common, self.bias, *self.geometry,
+                self.out.scale, self.out.zero_point, None, "relu" if self.relu else "none", [], "")
+        # oneDNN's sum post-op accumulates into the shortcut's memory: the block consumes it
+        return torch.ops.onednn.qconv2d_pointwise.binary(
+            x, self.inp.scale, self.inp.zero_point, *common, shortcut, self.bias, *self.geometry,
+            self.out.scale, self.out.zero_point, None, shortcut_q.scale, shortcut_q.zero_point,
+            "sum", 1.0, "relu", [], "")
 
 
 class QuantizedBottleneck(nn.Module):
-    def __init__(self, block: Bottleneck, ranges: dict[nn.Module, Range], reduce_range: bool) -> None:
+    def __init__(self, block: Bottleneck, inp: QParams, ranges: dict[nn.Module, Range],
+                 reduce_range: bool) -> None:
         super().__init__()
-        self.conv1 = QuantizedConv(block.conv1, ranges[block.conv1], True, reduce_range)
-        self.conv2 = QuantizedConv(block.conv2, ranges[block.conv2], True, reduce_range)
-        self.conv3 = QuantizedConv(block.conv3, ranges[block.conv3], False, reduce_range)
-        self.shortcut = (QuantizedConv(block.shortcut, ranges[block.shortcut], False, reduce_range)
-                         if block.shortcut is not None else None)
-        self.scale, self.zero_point = ranges[block].qparams(True, reduce_range)
+        q1, q2 = (ranges[c].qparams(True, reduce_range) for c in (block.conv1, block.conv2))
+        self.out = ranges[block].qparams(True, reduce_range)
+        self.conv1 = QuantizedConv(block.conv1, inp, q1, True, ranges[block.conv1].input_shape)
+        self.conv2 = QuantizedConv(block.conv2, q1, q2, True, ranges[block.conv2].input_shape)
+        self.conv3 = QuantizedConv(block.conv3, q2, self.out, True, ranges[block.conv3].input_shape)
+        self.shortcut = None
+        self.shortcut_q = inp
+        if block.shortcut is not None:
+            self.shortcut_q = ranges[block.shortcut].qparams(False, reduce_range)
+            self.shortcut = QuantizedConv(block.shortcut, inp, self.shortcut_q, False,
+                                          ranges[block.shortcut].input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv3(self.conv2(self.conv1(x)))
+        """uint8 in, uint8 out (at `self.out`); x is overwritten when it is the shortcut."""
         shortcut = x if self.shortcut is None else self.shortcut(x)
-        return torch.ops.quantized.add_relu(out, shortcut, self.scale, self.zero_point)
+        return self.conv3(self.conv2(self.conv1(x)), shortcut, self.shortcut_q)
+
+
+def max_pool_3x3_s2(x: torch.Tensor) -> torch.Tensor:
+    """The stem's 3x3 max pool (stride 2, padding 1) of a uint8 map after a ReLU (zero
+    point 0, so padding with 0 is padding with the minimum), as the maximum of nine
+    strided views: PyTorch has no fast uint8 max pool for plain tensors."""
+    h, w = x.shape[-2:]
+    rows, cols = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    padded = F.pad(x, (1, 1, 1, 1))
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            view = padded[..., dy:dy + 2 * rows - 1:2, dx:dx + 2 * cols - 1:2]
+            out = view.clone(memory_format=torch.channels_last) if out is None else torch.maximum(out, view, out=out)
+    return out
 
 
 class Int8Backbone(nn.Module):
@@ -124,25 +169,37 @@ class Int8Backbone(nn.Module):
         self.out_features = backbone.out_features
         self.channels, self.strides = backbone.channels, backbone.strides
         self.stage_names = backbone.stage_names
-        stem = backbone.stem
-        self.input_scale, self.input_zero_point = ranges[backbone].qparams(False, reduce_range)
-        self.stem = nn.Sequential(*(QuantizedConv(c, ranges[c], True, reduce_range)
-                                    for c in (stem.conv1, stem.conv2, stem.conv3)))
+        self.levels = 127 if reduce_range else 255
+        self.input = ranges[backbone].qparams(False, reduce_range)
+        stem, q = [], self.input
+        for conv in (backbone.stem.conv1, backbone.stem.conv2, backbone.stem.conv3):
+            stem.append(QuantizedConv(conv, q, ranges[conv].qparams(True, reduce_range), True,
+                                      ranges[conv].input_shape))
+            q = stem[-1].out
+        self.stem = nn.Sequential(*stem)
+        self.stage_outputs: dict[str, QParams] = {}
         for name in self.stage_names:
-            self.add_module(name, nn.Sequential(*(QuantizedBottleneck(b, ranges, reduce_range)
-                                                  for b in getattr(backbone, name))))
+            blocks = []
+            for block in getattr(backbone, name):
+                blocks.append(QuantizedBottleneck(block, q, ranges, reduce_range))
+                q = blocks[-1].out
+            self.add_module(name, nn.Sequential(*blocks))
+            self.stage_outputs[name] = q
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        q = torch.quantize_per_tensor(x.float(), self.input_scale, self.input_zero_point, torch.quint8)
-        q = F.max_pool2d(self.stem(q), kernel_size=3, stride=2, padding=1)
+        q = (x.float() / self.input.scale + self.input.zero_point).round_().clamp_(0, self.levels)
+        q = max_pool_3x3_s2(self.stem(q.to(torch.uint8, memory_format=torch.channels_last)))
         # in the dtype a float backbone's convolutions give under the same autocast, which
-        # the heads (and their compiled graphs, made for one dtype) expect
+        # the heads (and their compiled graphs, made for one dtype) expect; in the plain
+        # layout the heads read
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
         outputs = {}
         for name in self.stage_names:
             q = getattr(self, name)(q)
             if name in self.out_features:
-                outputs[name] = q.dequantize().to(dtype)
+                out = self.stage_outputs[name]
+                floats = q.to(dtype, memory_format=torch.contiguous_format)
+                outputs[name] = floats.sub_(out.zero_point).mul_(out.scale)
         return outputs
 
 
@@ -153,7 +210,9 @@ def observe_ranges(backbone: DeepLabResNet, inputs: list[torch.Tensor]) -> dict[
     watched = [m for m in backbone.modules() if isinstance(m, (ConvNorm, Bottleneck))]
 
     def record(module, args, output):
-        ranges.setdefault(module, Range()).observe(output)
+        seen = ranges.setdefault(module, Range())
+        seen.observe(output)
+        seen.input_shape = list(args[0].shape)
 
     hooks = [m.register_forward_hook(record) for m in watched]
     try:
@@ -181,7 +240,4 @@ def quantize_backbone(backbone: DeepLabResNet, inputs: list[torch.Tensor]) -> In
     """The int8 twin of a BatchNorm-folded backbone, calibrated on `inputs`. Without
     VNNI, activations get 7 bits: 8-bit products summed in pairs can saturate the 16-bit
     sums such CPUs compute int8 dot products with."""
-    # oneDNN's kernels use AMX where the CPU has it; the default engine ("x86") sends
-    # some shapes to FBGEMM, which does not (process-wide: this is its only user)
-    torch.backends.quantized.engine = "onednn"
     return Int8Backbone(backbone, observe_ranges(backbone, inputs), reduce_range=not cpu_supports_int8()).eval()
