@@ -85,11 +85,11 @@ def _dense(x: torch.Tensor) -> bool:
 
 class QuantizedConv(nn.Module):
     """One folded ConvNorm (no norm left) as an int8 convolution from uint8 at `inp` to
-    uint8 at `out`, fused with its ReLU, or with a residual sum and ReLU when called
-    with a shortcut."""
+    uint8 at `out`, fused with its ReLU (`relu`), or, called with a shortcut, with the
+    residual sum and the ReLU after it."""
 
     def __init__(self, conv: ConvNorm, inp: QParams, out: QParams, relu: bool,
-                 input_shape: list[int]) -> None:
+                 input_shape: list[int] | None) -> None:
         super().__init__()
         if conv.norm is not None or conv.activation is not None:
             raise ValueError("quantise a backbone after folding its BatchNorm")
@@ -99,10 +99,10 @@ class QuantizedConv(nn.Module):
         qweight = (weight / self.weight_scales.view(-1, 1, 1, 1)).round().clamp(-127, 127).to(torch.int8)
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         # the weights reordered once into the blocked layout oneDNN's kernels want for
-        # inputs like `input_shape` (a calibration input's, photo-like). Without a shape it
-        # lays them out for a tiny input, and every photo-sized call then reorders them
-        # again (4-9x slower convolutions); kernels for tiny inputs (the warm-up) do that
-        # instead, and cost nothing that matters
+        # inputs like `input_shape` (a calibration input's: 384x288 gets the layout every
+        # photo size measured wants). Without a shape it lays them out for a tiny input,
+        # and every photo-sized call then reorders them again (4-9x slower convolutions);
+        # tiny inputs (the warm-up) pay that instead, which does not matter
         self.packed = torch.ops.onednn.qconv_prepack(qweight, self.weight_scales, inp.scale, inp.zero_point,
                                                      *self.geometry, input_shape)
         self.bias = conv.bias.detach().float() if conv.bias is not None else None
@@ -112,7 +112,7 @@ class QuantizedConv(nn.Module):
                 shortcut_q: QParams | None = None) -> torch.Tensor:
         common = (self.packed, self.weight_scales, self.weight_zero_points)
         if shortcut is None:
-            return torch.ops.onednn.qconv2d_pointwise(
+            return torch.ops.onednn.qconv_pointwise(
                 x, self.inp.scale, self.inp.zero_point, *common, self.bias, *self.geometry,
                 self.out.scale, self.out.zero_point, None, "relu" if self.relu else "none", [], "")
         # oneDNN's sum post-op accumulates into the shortcut's memory: the block consumes it
@@ -130,7 +130,8 @@ class QuantizedBottleneck(nn.Module):
         self.out = ranges[block].qparams(True, reduce_range)
         self.conv1 = QuantizedConv(block.conv1, inp, q1, True, ranges[block.conv1].input_shape)
         self.conv2 = QuantizedConv(block.conv2, q1, q2, True, ranges[block.conv2].input_shape)
-        self.conv3 = QuantizedConv(block.conv3, q2, self.out, True, ranges[block.conv3].input_shape)
+        # no ReLU of its own: the block's comes after the residual sum, fused into it
+        self.conv3 = QuantizedConv(block.conv3, q2, self.out, False, ranges[block.conv3].input_shape)
         self.shortcut = None
         self.shortcut_q = inp
         if block.shortcut is not None:
@@ -205,7 +206,8 @@ class Int8Backbone(nn.Module):
 
 def observe_ranges(backbone: DeepLabResNet, inputs: list[torch.Tensor]) -> dict[nn.Module, Range]:
     """Run the float backbone on `inputs`, recording the range of the input, of every
-    convolution's output (before its ReLU) and of every block's output."""
+    convolution's output (before its ReLU) and of every block's output, and the shape of
+    each convolution's input."""
     ranges: dict[nn.Module, Range] = {}
     watched = [m for m in backbone.modules() if isinstance(m, (ConvNorm, Bottleneck))]
 
@@ -239,5 +241,7 @@ def calibration_inputs(prepare) -> list[torch.Tensor]:
 def quantize_backbone(backbone: DeepLabResNet, inputs: list[torch.Tensor]) -> Int8Backbone:
     """The int8 twin of a BatchNorm-folded backbone, calibrated on `inputs`. Without
     VNNI, activations get 7 bits: 8-bit products summed in pairs can saturate the 16-bit
-    sums such CPUs compute int8 dot products with."""
+    sums such CPUs compute int8 dot products with. (Only the calibrated range: the rare
+    values beyond it, the `CLIPPED` share, can still take the 8th bit; `fast` picks
+    int8 only on CPUs with VNNI or AMX, so this is the forced path of the tests.)"""
     return Int8Backbone(backbone, observe_ranges(backbone, inputs), reduce_range=not cpu_supports_int8()).eval()
