@@ -74,9 +74,14 @@ class Range:
     def qparams(self, relu: bool, reduce_range: bool) -> QParams:
         """uint8 scale and zero point covering the range (and 0, which must be exact)."""
         low, high = (0.0 if relu else min(self.low, 0.0)), max(self.high, 0.0)
-        levels = 127 if reduce_range else 255
+        levels = activation_levels(reduce_range)
         scale = max(high - low, 1e-8) / levels
         return QParams(scale, int(np.clip(round(-low / scale), 0, levels)))
+
+
+def activation_levels(reduce_range: bool) -> int:
+    """The largest uint8 value an activation takes: 7 bits when `reduce_range`."""
+    return 127 if reduce_range else 255
 
 
 def _dense(x: torch.Tensor) -> bool:
@@ -170,7 +175,7 @@ class Int8Backbone(nn.Module):
         self.out_features = backbone.out_features
         self.channels, self.strides = backbone.channels, backbone.strides
         self.stage_names = backbone.stage_names
-        self.levels = 127 if reduce_range else 255
+        self.levels = activation_levels(reduce_range)
         self.input = ranges[backbone].qparams(False, reduce_range)
         stem, q = [], self.input
         for conv in (backbone.stem.conv1, backbone.stem.conv2, backbone.stem.conv3):
