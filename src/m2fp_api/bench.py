@@ -12,7 +12,9 @@ for (outside the timings; the compile time is reported).
 
 Fidelity: random weights sit near ties, so every backend's class maps are also compared
 with `exact`'s on held-out scenes of the trained fidelity oracle (`m2fp_api.oracle`,
-checkpoint in `tests/fixtures/oracle`), next to the agreement on the bench photos.
+checkpoint in `tests/fixtures/oracle`, or another trained stand-in given by `--oracle`,
+such as a full-size one from scripts/train_stand_in.py), next to the agreement on the
+bench photos.
 """
 
 from __future__ import annotations
@@ -145,11 +147,11 @@ def run_child(spec: dict) -> dict:
         del parser
         release_free_memory()
         scenes = oracle.held_out(ORACLE_SCENES)
-        tiny = _load(str(ORACLE_DIR), spec["backend"], spec["compile"],
-                     [scenes[0].image.shape[1::-1]])
-        if tiny.compiler is not None:
-            tiny.compiler.wait()
-        np.save(spec["oracle_path"], np.stack([tiny.parse(s.image).class_map for s in scenes]))
+        judge = _load(spec["oracle_dir"], spec["backend"], spec["compile"],
+                      [scenes[0].image.shape[1::-1]])
+        if judge.compiler is not None:
+            judge.compiler.wait()
+        np.save(spec["oracle_path"], np.stack([judge.parse(s.image).class_map for s in scenes]))
     return {"backend": info.backend, "dtype": info.dtype, "threads": info.threads,
             "ready_s": ready_s, "idle_rss": idle_rss, "peak_rss": peak_rss, "compile_s": compile_s,
             "runs": runs, "parts": len(result.parts), "persons": len(result.persons)}
@@ -220,7 +222,10 @@ def main(args) -> int:
               "`reference`, measured in this run, and to BASELINE.md's figures", file=sys.stderr)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    oracle = ORACLE_DIR.is_dir()
+    oracle_dir = Path(args.oracle) if args.oracle else ORACLE_DIR
+    if args.oracle and not oracle_dir.is_dir():
+        raise SystemExit(f"--oracle {args.oracle}: no such model directory")
+    oracle = oracle_dir.is_dir()
     work = Path(tempfile.mkdtemp(prefix="m2fp-bench-maps-"))
     peer_rows = run_peer(sizes, args.runs) if peer else {}
     rows = []
@@ -229,7 +234,7 @@ def main(args) -> int:
             name = f"{width}x{height}"
             compile = not args.no_compile and backend in ("exact", "fast")
             spec = {"model": str(model_dir), "backend": backend, "size": [width, height],
-                    "runs": args.runs, "compile": compile,
+                    "runs": args.runs, "compile": compile, "oracle_dir": str(oracle_dir),
                     "map_path": str(work / f"{backend}-photo-{name}.npy"),
                     # the oracle once per backend, in the first size's process
                     "oracle_path": str(work / f"{backend}-oracle-all.npy") if oracle and index == 0 else None}
@@ -261,6 +266,7 @@ def main(args) -> int:
     report = {"machine": _machine(), "model": {"config": conf["model"]["backbone"]["depth"],
               "queries": conf["model"]["decoder"]["num_queries"], "dir": str(model_dir)},
               "runs_per_size": args.runs, "oracle_scenes": ORACLE_SCENES if oracle else 0,
+              "oracle": str(oracle_dir) if oracle else None,
               "modelscope": peer_rows, "results": rows}
     _print_table(report)
     text = json.dumps(report, indent=2)
@@ -284,7 +290,7 @@ def _print_table(report: dict) -> None:
         print("x MS: speed-up over ModelScope's pipeline as BASELINE.md measured it (another run)")
     print("x ref: speed-up over `reference` (ModelScope's formulation, this project, this run); "
           f"agree: class-map pixels equal to exact's (oracle: {report['oracle_scenes']} held-out "
-          "scenes of the trained stand-in)\n")
+          f"scenes of the trained stand-in {report['oracle']})\n")
     head = ("backend", "size", *STAGES, "total", "RLE", "x MS", "x ref", "peak RSS", "idle RSS", "ready",
             "compile", "agree photo", "agree oracle")
     print(" | ".join(head))

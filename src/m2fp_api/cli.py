@@ -234,6 +234,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peer", action="store_true", help="skip ModelScope's pipeline even if set up")
     p.add_argument("--json", dest="json_path", help="also write the results here")
     p.add_argument("--config", help="configuration.json to benchmark (default: bundled R101)")
+    p.add_argument("--oracle", help="trained stand-in that judges agreement (default: tests/fixtures/oracle)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement per process
     p.set_defaults(func=cmd_bench)
     return ap
