@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from m2fp_api import oracle
 from m2fp_api.engine.stand_in import bundled_configuration
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE = ROOT / "tests" / "fixtures" / "oracle"
-MIN_AGREEMENT = 0.995  # the bar for fast, as in test_backends
 
 
 def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def test_bench_reports_stages_memory_and_agreement_on_the_given_oracle(tmp_path)
     # agreement is with exact's maps; on the random bench photo there is no bar (ties)
     assert rows["exact"]["agreement_oracle"] is None and rows["exact"]["agreement_photo"] is None
     assert 0 <= rows["fast"]["agreement_photo"] <= 1
-    assert rows["fast"]["agreement_oracle"] >= MIN_AGREEMENT, rows["fast"]["agreement_oracle"]
+    assert rows["fast"]["agreement_oracle"] >= oracle.MIN_AGREEMENT, rows["fast"]["agreement_oracle"]
     assert str(judge) in proc.stdout  # the table says which stand-in judged
 
 

@@ -14,7 +14,7 @@ The stem (three 3x3 convolutions at half resolution, ~15 % of the backbone's wor
 in floats, bf16 under `fast`'s autocast: quantised, it was where nearly all the int8
 error came from. On a full-size (ResNet-101) stand-in trained by
 scripts/train_stand_in.py, agreement with `exact` on 8 held-out scenes rose from 99.42 %
-to 99.71 % with the stem in floats (8 other scenes: 98.97 -> 99.54 %; floats for res2
+to 99.73 % with the stem in floats (8 other scenes: 98.97 -> 99.54 %; floats for res2
 and res3 instead of the stem: no gain), for ~55 ms more at 1152x640 (of ~0.3 s).
 
 The kernels are oneDNN's int8 convolutions on plain uint8/int8 tensors, the operators
@@ -157,9 +157,9 @@ class QuantizedBottleneck(nn.Module):
 
 
 class Int8Backbone(nn.Module):
-    """A DeepLabResNet's twin in int8: same input (normalised fp32), same outputs (a dict
-    of stage maps, in autocast's dtype when it is on, else fp32), same `out_features`,
-    `channels` and `strides`."""
+    """A DeepLabResNet's twin with its stages in int8 (the stem in floats): same input
+    (normalised fp32), same outputs (a dict of stage maps, in autocast's dtype when it is
+    on, else fp32), same `out_features`, `channels` and `strides`."""
 
     def __init__(self, backbone: DeepLabResNet, ranges: dict[nn.Module, Range], reduce_range: bool) -> None:
         super().__init__()
