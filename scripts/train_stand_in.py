@@ -158,7 +158,8 @@ def main() -> int:
         loss = loss_fn(network(images), masks, num_classes)
         optim.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        # a diverged step stops here, by name, not later as an index error in the sampling
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0, error_if_nonfinite=True)
         optim.step()
         sched.step()
         if step % 50 == 0 or step == args.steps - 1:
