@@ -179,7 +179,7 @@ class Int8Backbone(nn.Module):
             self.stage_outputs[name] = q
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        stem = self.stem(x.contiguous(memory_format=torch.channels_last)).float()
+        stem = self.stem(x).float()  # channels-last, as M2FP.predict hands the backbone its input
         q = stem.div_(self.stem_output.scale).add_(self.stem_output.zero_point).round_()
         q = q.clamp_(0, self.levels).to(torch.uint8)
         # in the dtype a float backbone's convolutions give under the same autocast, which
