@@ -108,6 +108,29 @@ def test_fast_stores_its_matrix_weights_in_bf16_with_identical_outputs(oracle_ex
     torch.testing.assert_close(outputs[0].pred_masks, outputs[1].pred_masks, atol=0, rtol=0)
 
 
+def test_exact_linear_layers_through_onednn_stay_within_rounding_of_addmm():
+    """`exact` runs its linear layers through oneDNN (twice MKL's fp32 speed on AMD CPUs);
+    addmm, as ModelScope computes them, gives the same outputs to float rounding."""
+    from dataclasses import replace
+
+    network = optimize(load_network(HumanParser.from_pretrained(
+        PARITY / "tiny-multiple", allow_download=False).source), "exact")
+    assert network.variant.onednn_linear
+    x = torch.rand(1, 3, 200, 264, generator=torch.Generator().manual_seed(0)) * 255
+
+    def run():
+        with torch.inference_mode(), torch.profiler.profile() as profile:
+            out = network(x)
+        return out, {e.name for e in profile.events()}
+
+    onednn, onednn_ops = run()
+    network.configure(replace(network.variant, onednn_linear=False))
+    addmm, addmm_ops = run()
+    assert "mkldnn::_linear_pointwise" in onednn_ops and "mkldnn::_linear_pointwise" not in addmm_ops
+    torch.testing.assert_close(onednn.pred_logits, addmm.pred_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(onednn.pred_masks, addmm.pred_masks, atol=1e-4, rtol=0)
+
+
 def test_fast_falls_back_to_exact_without_native_bf16_or_int8():
     backend = select_backend("fast", threads=2, bf16=False, int8=False)
     assert (backend.name, backend.dtype, backend.level, backend.int8_backbone) == (
@@ -262,19 +285,25 @@ def test_one_call_sets_the_inference_variant_in_every_module():
     from conftest import configuration
     from m2fp_api.model import M2FP, InferenceVariant, M2FPConfig
     from m2fp_api.model.deform_attn import MSDeformAttn, gather_and_weight, sample_and_weight
+    from m2fp_api.model.layers import Linear
     from m2fp_api.model.pixel_decoder import EncoderLayer
 
     network = M2FP(M2FPConfig.from_model_section(configuration("tiny-multiple")["model"]))
     attention = [m for m in network.modules() if isinstance(m, MSDeformAttn)]
     layers = [m for m in network.modules() if isinstance(m, EncoderLayer)]
-    assert attention and layers
+    # every linear layer but the attention modules' output projections (torch's
+    # MultiheadAttention reads their weights itself)
+    linears = [m for m in network.modules() if isinstance(m, torch.nn.Linear)
+               and not isinstance(m, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)]
+    assert attention and layers and all(isinstance(m, Linear) for m in linears)
 
     def conv_weight():  # a 3x3 convolution's: its layout tells channels-last from NCHW
         return next(p for p in network.backbone.parameters() if p.dim() == 4 and p.shape[-1] > 1)
 
     network.configure(InferenceVariant(gathered_sampling=False, level_masks=True, channels_last=True,
-                                       chunked=False))
+                                       chunked=False, onednn_linear=True))
     assert all(m.sample is sample_and_weight and m.query_chunk is None for m in attention)
+    assert all(m.onednn for m in linears)
     assert all(m.ffn_chunk is None for m in layers)
     assert network.sem_seg_head.predictor.resize_features_first
     assert conv_weight().is_contiguous(memory_format=torch.channels_last) and not conv_weight().is_contiguous()
@@ -282,6 +311,7 @@ def test_one_call_sets_the_inference_variant_in_every_module():
     network.configure(InferenceVariant())  # a freshly built network's
     assert all(m.sample is gather_and_weight and m.query_chunk for m in attention)
     assert all(m.ffn_chunk for m in layers) and not network.sem_seg_head.predictor.resize_features_first
+    assert not any(m.onednn for m in linears)
     assert conv_weight().is_contiguous()
     with pytest.raises(ValueError, match="float16"):
         InferenceVariant(dtype=torch.float16)

@@ -51,8 +51,10 @@ def export_onnx(network: M2FP, path: Path) -> Path:
     """Write `network` (fp32, exact) as an ONNX model with a dynamic input size."""
     if network.variant.dtype != torch.float32:
         raise ValueError("export an fp32 network: ONNX Runtime decides its own precision")
-    # grid_sample: ONNX has no embedding_bag; unchunked: one graph serves every input size
-    network.configure(replace(network.variant, gathered_sampling=False, chunked=False))
+    # grid_sample: ONNX has no embedding_bag (nor oneDNN's linear); unchunked: one graph
+    # serves every input size
+    network.configure(replace(network.variant, gathered_sampling=False, chunked=False,
+                              onednn_linear=False))
     blocks_h = torch.export.Dim("blocks_h", min=1, max=MAX_BLOCKS)
     blocks_w = torch.export.Dim("blocks_w", min=1, max=MAX_BLOCKS)
     example = torch.zeros(1, 3, *EXAMPLE_SIZE)

@@ -7,7 +7,7 @@ path):
 - the network's inference variant (`model.InferenceVariant`, which says what each
   switch does): deformable attention by one weighted gather instead of `grid_sample`
   per level, the decoder's attention masks at each level's resolution, the backbone
-  channels-last.
+  channels-last, linear layers through oneDNN.
 
 `fast` runs the whole network under bf16 autocast: convolutions and matrix products
 in bf16, the residual streams, normalisation statistics, softmax, deformable sampling
@@ -28,7 +28,8 @@ from ..model import M2FP, InferenceVariant
 from ..model.layers import ConvNorm
 from .int8 import calibration_inputs, quantize_backbone
 
-EXACT = InferenceVariant(gathered_sampling=True, level_masks=True, channels_last=True)
+EXACT = InferenceVariant(gathered_sampling=True, level_masks=True, channels_last=True,
+                         onednn_linear=torch.backends.mkldnn.is_available())
 VARIANTS = {"reference": InferenceVariant(gathered_sampling=False), "exact": EXACT,
             "fast": replace(EXACT, dtype=torch.bfloat16)}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,40 @@ def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
     if torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():
         return _opaque_resize(x, size[0], size[1])
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.library.custom_op("m2fp::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # see Linear
+
+
+@_onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose product can run through oneDNN's matrix multiplication instead of
+    ATen's addmm (`InferenceVariant.onednn_linear`, set by `M2FP.configure`). On AMD CPUs
+    ATen's fp32 addmm goes to MKL, which runs its AVX2 kernels there: oneDNN's AVX-512
+    ones take half the time on Zen 5 (equal to float rounding). In bf16 both are oneDNN.
+    Under torch.compile the call is an op of its own, which inductor keeps as it is (its
+    lowering of oneDNN's linear wants static shapes); eagerly it is oneDNN's op itself
+    (calling a custom op imports torch._dynamo, ~70 MB of idle memory)."""
+
+    onednn = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.onednn:
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled("cpu"):  # what autocast does to F.linear's operands
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if torch.compiler.is_dynamo_compiling():
+            return _onednn_linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class ConvNorm(nn.Conv2d):
@@ -75,7 +109,7 @@ class MLP(nn.Module):
         super().__init__()
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+        self.layers = nn.ModuleList(Linear(i, o) for i, o in zip(dims_in, dims_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1

@@ -16,6 +16,7 @@ from torch import nn
 from .backbone import DeepLabResNet
 from .config import M2FPConfig
 from .deform_attn import QUERY_CHUNK, MSDeformAttn, gather_and_weight, sample_and_weight
+from .layers import Linear
 from .pixel_decoder import FFN_CHUNK, EncoderLayer, MSDeformAttnPixelDecoder
 from .transformer_decoder import MaskedTransformerDecoder
 
@@ -45,6 +46,9 @@ class InferenceVariant:
     # bfloat16: the network under bf16 autocast (matrix products in bf16; normalisation
     # statistics, softmax, sampling locations and the outputs stay fp32, see deform_attn)
     dtype: torch.dtype = torch.float32
+    # linear layers through oneDNN's matrix product (`layers.Linear`); False: ATen's addmm,
+    # as ModelScope computes them (and what exporters know)
+    onednn_linear: bool = False
     # deformable-attention queries and feed-forward tokens in bounded chunks (memory, not
     # results); False for graphs made once for every input size, as the number of chunks
     # would be frozen at one size's
@@ -56,6 +60,8 @@ class InferenceVariant:
     def __post_init__(self) -> None:
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the network runs in float32 or under bfloat16 autocast, not {self.dtype}")
+        if self.onednn_linear and not torch.backends.mkldnn.is_available():
+            raise ValueError("this torch has no oneDNN for onednn_linear")
 
 
 @dataclass
@@ -106,6 +112,8 @@ class M2FP(nn.Module):
                 module.query_chunk = QUERY_CHUNK if variant.chunked else None
             elif isinstance(module, EncoderLayer):
                 module.ffn_chunk = FFN_CHUNK if variant.chunked else None
+            elif isinstance(module, Linear):
+                module.onednn = variant.onednn_linear
         self.sem_seg_head.predictor.resize_features_first = variant.level_masks
         if variant.channels_last != self.variant.channels_last:
             self.backbone.to(memory_format=torch.channels_last if variant.channels_last else torch.contiguous_format)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import PixelDecoderConfig
 from .deform_attn import MSDeformAttn
-from .layers import ConvNorm, resize_bilinear, sine_position_embedding
+from .layers import ConvNorm, Linear, resize_bilinear, sine_position_embedding
 
 # the transformer decoder always reads three scales
 NUM_DECODER_LEVELS = 3
@@ -25,8 +25,8 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.linear1 = Linear(d_model, d_ffn)
+        self.linear2 = Linear(d_ffn, d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn_chunk: int | None = FFN_CHUNK  # None: all tokens at once (M2FP.configure)
 

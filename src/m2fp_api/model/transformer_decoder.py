@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig
-from .layers import MLP, ConvNorm, resize_bilinear, sine_position_embedding
+from .layers import MLP, ConvNorm, Linear, resize_bilinear, sine_position_embedding
 from .pixel_decoder import NUM_DECODER_LEVELS
 
 
@@ -44,8 +44,8 @@ class CrossAttentionLayer(nn.Module):
 class FFNLayer(nn.Module):
     def __init__(self, d_model: int, dim_feedforward: int, pre_norm: bool) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear1 = Linear(d_model, dim_feedforward)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.pre_norm = pre_norm
 
@@ -87,7 +87,7 @@ class MaskedTransformerDecoder(nn.Module):
         self.input_proj = nn.ModuleList(
             ConvNorm(in_channels, d, kernel_size=1) if project else nn.Identity()
             for _ in range(NUM_DECODER_LEVELS))
-        self.class_embed = nn.Linear(d, cfg.num_classes + 1)
+        self.class_embed = Linear(d, cfg.num_classes + 1)
         self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
         # Attention masks from mask features resized to each level first (M2FP.configure
         # sets it from the inference variant): bilinear resizing is linear, so resize(embed . F) =
