@@ -183,15 +183,15 @@ class Int8Backbone(nn.Module):
         q = stem.div_(self.stem_output.scale).add_(self.stem_output.zero_point).round_()
         q = q.clamp_(0, self.levels).to(torch.uint8)
         # in the dtype a float backbone's convolutions give under the same autocast, which
-        # the heads (and their compiled graphs, made for one dtype) expect; in the plain
-        # layout the heads read
+        # the heads (and their compiled graphs, made for one dtype) expect; channels-last,
+        # as the float backbone gives its maps to the heads
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
         outputs = {}
         for name in self.stage_names:
             q = getattr(self, name)(q)
             if name in self.out_features:
                 out = self.stage_outputs[name]
-                floats = q.to(dtype, memory_format=torch.contiguous_format)
+                floats = q.to(dtype, memory_format=torch.channels_last)
                 outputs[name] = floats.sub_(out.zero_point).mul_(out.scale)
         return outputs
 

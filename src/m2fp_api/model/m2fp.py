@@ -16,7 +16,7 @@ from torch import nn
 from .backbone import DeepLabResNet
 from .config import M2FPConfig
 from .deform_attn import QUERY_CHUNK, MSDeformAttn, gather_and_weight, sample_and_weight
-from .layers import Linear
+from .layers import GROUP_NORM_CHUNK, GroupNorm, Linear
 from .pixel_decoder import FFN_CHUNK, EncoderLayer, MSDeformAttnPixelDecoder
 from .transformer_decoder import MaskedTransformerDecoder
 
@@ -40,8 +40,9 @@ class InferenceVariant:
     # fewer pixels per layer); False: full-resolution mask logits resized every layer,
     # as ModelScope does (equal up to rounding: resizing is linear)
     level_masks: bool = False
-    # the backbone in channels-last layout, which oneDNN's convolutions prefer on CPU (the
-    # heads stay NCHW: torch's channels-last GroupNorm on CPU loses ~1e-2 to cancellation)
+    # the backbone and the pixel decoder's convolutions in channels-last layout, which
+    # oneDNN's convolutions prefer on CPU (1x1: twice as fast in fp32, 6x in bf16); its
+    # group norms keep that layout with NCHW's accuracy (layers.GroupNorm)
     channels_last: bool = False
     # bfloat16: the network under bf16 autocast (matrix products in bf16; normalisation
     # statistics, softmax, sampling locations and the outputs stay fp32, see deform_attn)
@@ -49,9 +50,9 @@ class InferenceVariant:
     # linear layers through oneDNN's matrix product (`layers.Linear`); False: ATen's addmm,
     # as ModelScope computes them (and what exporters know)
     onednn_linear: bool = False
-    # deformable-attention queries and feed-forward tokens in bounded chunks (memory, not
-    # results); False for graphs made once for every input size, as the number of chunks
-    # would be frozen at one size's
+    # deformable-attention queries, feed-forward tokens and group-norm pixels in bounded
+    # chunks (memory, not results); False for graphs made once for every input size, as
+    # the number of chunks would be frozen at one size's
     chunked: bool = True
     # runs the heads instead of `sem_seg_head` when set: its compiled twin
     # (engine.compiled), which must compute the same thing
@@ -114,9 +115,13 @@ class M2FP(nn.Module):
                 module.ffn_chunk = FFN_CHUNK if variant.chunked else None
             elif isinstance(module, Linear):
                 module.onednn = variant.onednn_linear
+            elif isinstance(module, GroupNorm):
+                module.chunk = GROUP_NORM_CHUNK if variant.chunked else None
         self.sem_seg_head.predictor.resize_features_first = variant.level_masks
         if variant.channels_last != self.variant.channels_last:
-            self.backbone.to(memory_format=torch.channels_last if variant.channels_last else torch.contiguous_format)
+            layout = torch.channels_last if variant.channels_last else torch.contiguous_format
+            self.backbone.to(memory_format=layout)
+            self.sem_seg_head.pixel_decoder.to(memory_format=layout)
         self.variant = variant
 
     def register_pixel_statistics(self) -> None:
@@ -135,8 +140,6 @@ class M2FP(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.dtype == torch.bfloat16):
             features = self.backbone(x)
-            if variant.channels_last:  # the heads want NCHW
-                features = {k: v.contiguous() for k, v in features.items()}
             logits, masks = (variant.heads or self.sem_seg_head)(features)
         # post-processing compares probabilities across queries: in fp32
         return logits.float(), masks.float()

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import PixelDecoderConfig
 from .deform_attn import MSDeformAttn
-from .layers import ConvNorm, Linear, resize_bilinear, sine_position_embedding
+from .layers import ConvNorm, GroupNorm, Linear, resize_bilinear, sine_position_embedding
 
 # the transformer decoder always reads three scales
 NUM_DECODER_LEVELS = 3
@@ -94,7 +94,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.transformer_in_features = sorted(cfg.transformer_in_features, key=lambda f: strides[f])
         # projections run from low to high resolution (res5 first)
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels[f], conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim))
+            nn.Sequential(nn.Conv2d(channels[f], conv_dim, kernel_size=1), GroupNorm(32, conv_dim))
             for f in reversed(self.transformer_in_features)
         )
         self.transformer = DeformableEncoder(
@@ -107,11 +107,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.fpn_features = self.in_features[: self.num_fpn_levels]
         for idx, f in enumerate(self.fpn_features):
             self.add_module(f"adapter_{idx + 1}", ConvNorm(
-                channels[f], conv_dim, kernel_size=1, bias=False, norm=nn.GroupNorm(32, conv_dim)))
+                channels[f], conv_dim, kernel_size=1, bias=False, norm=GroupNorm(32, conv_dim)))
             self.add_module(f"layer_{idx + 1}", ConvNorm(
                 conv_dim, conv_dim, kernel_size=3, padding=1, bias=False,
                 # in place: its input is the norm's fresh output (saves a full map)
-                norm=nn.GroupNorm(32, conv_dim), activation=F.relu_))
+                norm=GroupNorm(32, conv_dim), activation=F.relu_))
 
     def forward(self, features: dict[str, torch.Tensor]):
         """Returns (mask_features at the finest stride, [3 scales for the decoder]).
@@ -139,7 +139,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for idx in reversed(range(self.num_fpn_levels)):
             lateral = getattr(self, f"adapter_{idx + 1}")(features.pop(self.fpn_features[idx]))
             # from a contiguous map: bilinear upsampling of the encoder's strided view (or
-            # of a channels-last map) is several times slower on CPU than of NCHW
+            # of a channels-last map) is several times slower on CPU than of NCHW; added
+            # into a channels-last lateral as it is (cheaper than converting either)
             lateral += resize_bilinear(outs[-1].contiguous(), lateral.shape[-2:])
             outs.append(getattr(self, f"layer_{idx + 1}")(lateral))
             del lateral

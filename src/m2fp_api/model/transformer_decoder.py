@@ -97,11 +97,17 @@ class MaskedTransformerDecoder(nn.Module):
         self.resize_features_first = False
 
     def _mask_logits(self, output: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
-        embed = self.mask_embed(self.decoder_norm(output).transpose(0, 1))
-        # a batched matmul over (B, C, H*W): a view in NCHW and in channels-last alike,
-        # where einsum would copy a channels-last map into NCHW first
-        logits = torch.matmul(embed, mask_features.flatten(2))
-        return logits.view(*logits.shape[:2], *mask_features.shape[-2:])
+        embed = self.mask_embed(self.decoder_norm(output).transpose(0, 1))  # (B, Q, C)
+        batch, channels, height, width = mask_features.shape
+        if mask_features.is_contiguous():
+            logits = torch.matmul(embed, mask_features.flatten(2))
+        else:
+            # channels-last: the map is a (B, H*W, C) matrix as it lies, and the product is
+            # transposed into place (a bf16 matmul against the (B, C, H*W) view would copy
+            # the whole map into NCHW first: ~3x the time)
+            pixels = mask_features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+            logits = torch.matmul(pixels, embed.transpose(1, 2)).transpose(1, 2).contiguous()
+        return logits.view(batch, -1, height, width)
 
     def _attention_mask(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """True where a query may not attend: its predicted mask is < 0.5 there.

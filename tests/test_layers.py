@@ -1,0 +1,50 @@
+"""Building blocks whose fast formulation must compute what torch's plain one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m2fp_api.model.layers import GroupNorm
+
+
+def _map(seed: int = 0) -> torch.Tensor:
+    """Like the pixel decoder's 1/4-scale maps of a 1138x640 input (~370 k values per
+    group): unit-scale activations on per-channel offsets."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 64, 160, 288, generator=g) * 0.5 + torch.randn(1, 64, 1, 1, generator=g) * 4
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_group_norm_keeps_channels_last_as_accurate_as_nchw(affine, chunk):
+    norm = GroupNorm(8, 64, affine=affine)
+    norm.chunk = chunk
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+            norm.bias.normal_(generator=torch.Generator().manual_seed(2))
+    x = _map()
+    exact = F.group_norm(x.double(), 8, *((norm.weight.double(), norm.bias.double()) if affine else ()))
+    with torch.inference_mode():
+        nchw = norm(x)
+        channels_last = norm(x.contiguous(memory_format=torch.channels_last))
+        torch_channels_last = F.group_norm(x.contiguous(memory_format=torch.channels_last), 8,
+                                           norm.weight, norm.bias)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and nchw.is_contiguous()
+    nchw_error = float((nchw - exact).abs().max())
+    assert float((channels_last - exact).abs().max()) <= 2 * nchw_error + 1e-7
+    # what it is for: torch's channels-last kernel is several times less accurate
+    assert float((torch_channels_last - exact).abs().max()) > 4 * nchw_error
+
+
+def test_group_norm_under_bf16_autocast_gives_bf16_like_torch():
+    norm = GroupNorm(8, 64)
+    x = _map().bfloat16()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = norm(x.contiguous(memory_format=torch.channels_last))
+        theirs = norm(x)  # NCHW: torch's kernel
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    # statistics in fp32 either way: the outputs differ by bf16's rounding at most
+    assert float((ours.float() - theirs.float()).abs().max()) <= 2 ** -7 * float(theirs.float().abs().max())
