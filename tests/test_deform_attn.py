@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2fp_api.model.deform_attn import MSDeformAttn, gather_and_weight, sample_and_weight
+from m2fp_api.model.deform_attn import MSDeformAttn, gather_and_weight, sample_and_weight, softmax_short
 
 SHAPES = [(5, 7), (10, 13), (3, 4)]
 
@@ -39,3 +39,10 @@ def test_module_output_does_not_depend_on_the_sampler_or_chunking(monkeypatch):
         monkeypatch.setattr("m2fp_api.model.deform_attn.QUERY_CHUNK", 17)
         got = attn(query, refs, src, SHAPES)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_short_softmax_equals_torchs():
+    g = torch.Generator().manual_seed(0)
+    # attention logits of every scale, up to ones that would overflow exp unshifted
+    x = torch.randn(64, 8, 12, generator=g) * torch.tensor([1.0, 30.0, 1e3, 1e4]).repeat(16).view(64, 1, 1)
+    torch.testing.assert_close(softmax_short(x), x.softmax(-1), atol=1e-6, rtol=1e-5)

@@ -48,6 +48,23 @@ def test_head_outputs_match(parsers, mode, image):
     assert (err <= LOGIT_TOL + np.abs(ref) * 2.0**-11).all(), float(err.max())
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_batch_computes_what_its_images_do_alone(parsers, mode):
+    """Images of one size batched (per-image attention masks, repeated per head) give
+    each image's own outputs, within the parity tolerance."""
+    expected = load_expected(mode)
+    inputs = [torch.from_numpy(expected[f"{image}:input"]).float() for image in PARITY_IMAGES]
+    same = [x for x in inputs if x.shape == inputs[0].shape][:2]
+    x = torch.stack(same if len(same) == 2 else [inputs[0], inputs[0].flip(-1)])
+    network = parsers[mode].network
+    with torch.inference_mode():
+        batched = network(x)
+        alone = [network(image[None]) for image in x]
+    for i, out in enumerate(alone):
+        np.testing.assert_allclose(batched.pred_logits[i].numpy(), out.pred_logits[0].numpy(), atol=LOGIT_TOL, rtol=0)
+        np.testing.assert_allclose(batched.pred_masks[i].numpy(), out.pred_masks[0].numpy(), atol=LOGIT_TOL, rtol=0)
+
+
 def _expected_masks(expected: dict, image: str) -> np.ndarray:
     shape = tuple(expected[f"{image}:masks_shape"])
     bits = np.unpackbits(expected[f"{image}:masks_packed"], axis=-1)[..., : shape[-1]]

@@ -115,6 +115,14 @@ def gather_and_weight(
     return bags.view(batch, queries, heads * dim)
 
 
+def softmax_short(x: torch.Tensor) -> torch.Tensor:
+    """`x.softmax(-1)` for a short last dimension (levels x points: 12), as three passes:
+    ATen's CPU softmax vectorises along that dimension and took ~4x as long (2.8 vs
+    0.7 ms for 4096 queries x 8 heads). Equal to rounding (2e-7)."""
+    exp = (x - x.amax(-1, keepdim=True)).exp_()
+    return exp.div_(exp.sum(-1, keepdim=True))
+
+
 # queries sampled at once: bounds the gather's index and weight temporaries (48 taps per
 # query and head) to tens of MB whatever the image size; results do not depend on it
 QUERY_CHUNK = 4096
@@ -172,7 +180,7 @@ class MSDeformAttn(nn.Module):
         # moves a sampling point by a pixel on the larger maps
         offsets = self.sampling_offsets(query).float()  # (B, Q, heads * levels * points * 2)
         weights = self.attention_weights(query).float().view(batch, queries, heads, levels * points)
-        weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
+        weights = softmax_short(weights).view(batch, queries, heads, levels, points)
         # reference + offset / (W, H), as the reference computes it (same rounding), on
         # flat rows: broadcasting over four trailing dimensions is many times slower.
         # In place on the fresh offsets, which have the batch dimension the shared

@@ -110,14 +110,20 @@ class MaskedTransformerDecoder(nn.Module):
         return logits.view(batch, -1, height, width)
 
     def _attention_mask(self, mask_logits: torch.Tensor) -> torch.Tensor:
-        """True where a query may not attend: its predicted mask is < 0.5 there.
+        """-inf where a query may not attend (its predicted mask is < 0.5 there), else 0.
 
         A query whose mask is empty everywhere would attend to nothing (NaNs), so it is
-        let attend everywhere, as in Mask2Former.
+        let attend everywhere, as in Mask2Former. Additive rather than boolean, which
+        attention would widen to floats itself, once per head: with one image the heads
+        share one mask (a view), an eighth of the memory to fill.
         """
         blocked = (mask_logits.sigmoid().flatten(2) < 0.5)
         blocked[blocked.all(-1)] = False
-        return blocked.repeat_interleave(self.num_heads, dim=0)
+        additive = torch.zeros_like(blocked, dtype=mask_logits.dtype).masked_fill_(blocked, float("-inf"))
+        batch, queries, pixels = additive.shape
+        if batch == 1:
+            return additive.expand(self.num_heads, queries, pixels)
+        return additive.repeat_interleave(self.num_heads, dim=0)
 
     def _level_mask_logits(self, output: torch.Tensor, mask_features: torch.Tensor,
                            resized_features: list[torch.Tensor], level: int, size) -> torch.Tensor:
