@@ -45,9 +45,9 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> to
 
 class Linear(nn.Linear):
     """`nn.Linear` whose product can run through oneDNN's matrix multiplication instead of
-    ATen's addmm (`InferenceVariant.onednn_linear`, set by `M2FP.configure`). On AMD CPUs
-    ATen's fp32 addmm goes to MKL, which runs its AVX2 kernels there: oneDNN's AVX-512
-    ones take half the time on Zen 5 (equal to float rounding). In bf16 both are oneDNN.
+    ATen's addmm (`InferenceVariant.onednn_linear`, set by `M2FP.configure`). ATen's fp32
+    addmm is MKL's, which ran at half oneDNN's speed on an AMD Zen 5 (177-190 against
+    ~400 GFLOP/s on the encoder's shapes; equal to float rounding). In bf16 both are oneDNN.
     Under torch.compile the call is an op of its own, which inductor keeps as it is (its
     lowering of oneDNN's linear wants static shapes); eagerly it is oneDNN's op itself
     (calling a custom op imports torch._dynamo, ~70 MB of idle memory)."""
