@@ -109,7 +109,7 @@ def test_fast_stores_its_matrix_weights_in_bf16_with_identical_outputs(oracle_ex
 
 
 def test_exact_linear_layers_through_onednn_stay_within_rounding_of_addmm():
-    """`exact` runs its linear layers through oneDNN (twice MKL's fp32 speed on AMD CPUs);
+    """`exact` runs its linear layers through oneDNN (twice MKL's fp32 speed on Zen 5);
     addmm, as ModelScope computes them, gives the same outputs to float rounding."""
     from dataclasses import replace
 
