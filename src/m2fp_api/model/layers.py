@@ -96,14 +96,13 @@ class GroupNorm(nn.GroupNorm):
         parts = [pixels] if self.chunk is None else pixels.split(self.chunk, dim=1)
         squares = sum((part - centre).square().sum(1) for part in parts)
         var = squares.view(batch, groups, per_group).sum(-1, keepdim=True) / count
-        scale = (var + self.eps).rsqrt()
-        shift = -mean * scale
-        if self.affine:
-            weight = self.weight.float().view(1, groups, per_group)
-            scale, shift = scale * weight, shift * weight + self.bias.float().view(1, groups, per_group)
-        else:
-            scale, shift = scale.expand(batch, groups, per_group), shift.expand(batch, groups, per_group)
-        out = torch.addcmul(shift.reshape(batch, 1, channels), pixels, scale.reshape(batch, 1, channels))
+        per_channel = (1, groups, per_group)
+        weight, bias = ((self.weight.float().view(per_channel), self.bias.float().view(per_channel))
+                        if self.affine else (1.0, 0.0))
+        scale = (var + self.eps).rsqrt() * weight
+        shift = bias - mean * scale
+        scale, shift = (t.expand(batch, groups, per_group).reshape(batch, 1, channels) for t in (scale, shift))
+        out = torch.addcmul(shift, pixels, scale)
         return out.to(x.dtype).view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
