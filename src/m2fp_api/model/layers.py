@@ -73,12 +73,13 @@ GROUP_NORM_CHUNK = 2048
 
 class GroupNorm(nn.GroupNorm):
     """`nn.GroupNorm` that keeps a channels-last map channels-last, with statistics as
-    accurate as torch's NCHW kernel's. torch's own channels-last kernel on CPU is no
-    faster but less accurate (errors of 5e-5 to 9e-5 on the unit-scale outputs of the
-    1/4-scale maps, where the NCHW kernel stays within 3e-6): here the mean is a cascaded
-    sum and the variance a second pass over the deviations from it, `chunk` pixels at a
-    time (set by `M2FP.configure`; None: all at once, for graphs made once for every
-    input size). Other layouts take torch's kernel."""
+    accurate as torch's NCHW kernel's. torch's own channels-last kernel on CPU is less
+    accurate (errors of 5e-5 to 9e-5 on the unit-scale outputs of the 1/4-scale maps,
+    where the NCHW kernel stays within 3e-6; far worse on maps far from zero, bf16 ones
+    included, tests/test_layers.py): here the mean is a cascaded sum and the variance a
+    second pass over the deviations from it, `chunk` pixels at a time (set by
+    `M2FP.configure`; None: all at once, for graphs made once for every input size).
+    Other layouts take torch's kernel."""
 
     chunk: int | None = GROUP_NORM_CHUNK
 
@@ -87,14 +88,15 @@ class GroupNorm(nn.GroupNorm):
             return super().forward(x)
         batch, channels, height, width = x.shape
         groups, per_group = self.num_groups, channels // self.num_groups
-        # (batch, pixel, channel): a view of the map; statistics in fp32 whatever the
-        # map's dtype, the output in it (as torch's kernel under bf16 autocast)
-        pixels = x.float().permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        # (batch, pixel, channel): a view of the map. Statistics in fp32 whatever the
+        # map's dtype, the output in it (as torch's kernel under bf16 autocast); a bf16
+        # map is widened a chunk at a time, never whole (a 1/4-scale map is ~50 MB in fp32)
+        pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         count = height * width * per_group
-        mean = pixels.sum(1).view(batch, groups, per_group).sum(-1, keepdim=True) / count
+        mean = pixels.sum(1, dtype=torch.float32).view(batch, groups, per_group).sum(-1, keepdim=True) / count
         centre = mean.expand(batch, groups, per_group).reshape(batch, 1, channels)
         parts = [pixels] if self.chunk is None else pixels.split(self.chunk, dim=1)
-        squares = sum((part - centre).square().sum(1) for part in parts)
+        squares = sum((part.float() - centre).square().sum(1) for part in parts)
         var = squares.view(batch, groups, per_group).sum(-1, keepdim=True) / count
         per_channel = (1, groups, per_group)
         weight, bias = ((self.weight.float().view(per_channel), self.bias.float().view(per_channel))
@@ -102,8 +104,16 @@ class GroupNorm(nn.GroupNorm):
         scale = (var + self.eps).rsqrt() * weight
         shift = bias - mean * scale
         scale, shift = (t.expand(batch, groups, per_group).reshape(batch, 1, channels) for t in (scale, shift))
-        out = torch.addcmul(shift, pixels, scale)
-        return out.to(x.dtype).view(batch, height, width, channels).permute(0, 3, 1, 2)
+        # computed in fp32 (the operands' common type), rounded once into the map's dtype
+        if torch.is_grad_enabled():  # training (the stand-ins): out= is not differentiable
+            out = torch.addcmul(shift, pixels, scale).to(x.dtype)
+            return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        out_pixels = out.permute(0, 2, 3, 1).view(batch, height * width, channels)
+        destinations = [out_pixels] if self.chunk is None else out_pixels.split(self.chunk, dim=1)
+        for part, destination in zip(parts, destinations):
+            torch.addcmul(shift, part, scale, out=destination)
+        return out
 
 
 class ConvNorm(nn.Conv2d):
