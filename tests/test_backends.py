@@ -5,6 +5,8 @@ network outputs, and with compilation on and off."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -155,6 +157,27 @@ def onnx_model(tmp_path_factory):
     network = optimize(load_network(HumanParser.from_pretrained(
         PARITY / "tiny-multiple", allow_download=False).source), "exact")
     return export_onnx(network, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+def test_an_export_is_reused_only_by_the_code_that_made_it(tmp_path, monkeypatch):
+    """The cached export is named after the network's source, not only the checkpoint
+    and torch: after an edit of the network, the service exports again instead of
+    running a stale graph (the package's version does not move with every edit)."""
+    import shutil
+
+    from m2fp_api.engine.onnx import cached_export_path
+    from m2fp_api.model import m2fp
+
+    code = tmp_path / "model"
+    shutil.copytree(Path(m2fp.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(m2fp, "__file__", str(code / "m2fp.py"))
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"weights")
+    first = cached_export_path(tmp_path / "cache", weights)
+    assert cached_export_path(tmp_path / "cache", weights) == first
+    with (code / "deform_attn.py").open("a") as source:
+        source.write("# an edit\n")
+    assert cached_export_path(tmp_path / "cache", weights) != first
 
 
 @pytest.fixture(params=ONNX_RUNTIMES)

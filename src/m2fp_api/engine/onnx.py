@@ -73,12 +73,22 @@ def export_onnx(network: M2FP, path: Path) -> Path:
     return path
 
 
+def _graph_source_digest() -> str:
+    """Digest of the code an export is traced from (the network's modules and this file):
+    the package's version does not change with every edit of the network."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(m2fp.__file__).parent.glob("*.py")) + [Path(__file__)]:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cached_export_path(cache_dir: Path, weights: Path) -> Path:
     """Where the export of a checkpoint is kept: named by the checkpoint's identity (path,
-    size, modification time) and the exporter's version, so a new checkpoint or torch
-    gets a new export."""
+    size, modification time), the code it is traced from and the exporter's version, so
+    a new checkpoint, network code or torch gets a new export."""
     st = weights.stat()
-    key = f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}|{torch.__version__}|{OPSET}"
+    key = (f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_graph_source_digest()}|"
+           f"{torch.__version__}|{OPSET}")
     return Path(cache_dir).expanduser() / "onnx" / f"m2fp-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
 
 
