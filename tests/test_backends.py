@@ -129,6 +129,8 @@ def test_exact_linear_layers_through_onednn_stay_within_rounding_of_addmm():
     network.configure(replace(network.variant, onednn_linear=False))
     addmm, addmm_ops = run()
     assert "mkldnn::_linear_pointwise" in onednn_ops and "mkldnn::_linear_pointwise" not in addmm_ops
+    # every product, the attention modules' projections included
+    assert "aten::addmm" not in onednn_ops and "aten::addmm" in addmm_ops
     torch.testing.assert_close(onednn.pred_logits, addmm.pred_logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(onednn.pred_masks, addmm.pred_masks, atol=1e-4, rtol=0)
 
@@ -308,17 +310,18 @@ def test_one_call_sets_the_inference_variant_in_every_module():
     from conftest import configuration
     from m2fp_api.model import M2FP, InferenceVariant, M2FPConfig
     from m2fp_api.model.deform_attn import MSDeformAttn, gather_and_weight, sample_and_weight
-    from m2fp_api.model.layers import Linear
+    from m2fp_api.model.layers import Linear, MultiheadAttention
     from m2fp_api.model.pixel_decoder import EncoderLayer
 
     network = M2FP(M2FPConfig.from_model_section(configuration("tiny-multiple")["model"]))
     attention = [m for m in network.modules() if isinstance(m, MSDeformAttn)]
     layers = [m for m in network.modules() if isinstance(m, EncoderLayer)]
-    # every linear layer but the attention modules' output projections (torch's
-    # MultiheadAttention reads their weights itself)
+    # every linear layer but the attention modules' output projections (the attention
+    # modules run them, as they run their input projections), and every attention module
     linears = [m for m in network.modules() if isinstance(m, torch.nn.Linear)
                and not isinstance(m, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)]
-    assert attention and layers and all(isinstance(m, Linear) for m in linears)
+    linears += [m for m in network.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attention and layers and all(isinstance(m, (Linear, MultiheadAttention)) for m in linears)
 
     def conv_weight():  # a 3x3 convolution's: its layout tells channels-last from NCHW
         return next(p for p in network.backbone.parameters() if p.dim() == 4 and p.shape[-1] > 1)

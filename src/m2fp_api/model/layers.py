@@ -43,28 +43,64 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> to
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` whose product can run through oneDNN's matrix multiplication instead of
-    ATen's addmm (`InferenceVariant.onednn_linear`, set by `M2FP.configure`). ATen's fp32
-    addmm is MKL's, which ran at half oneDNN's speed on an AMD Zen 5 (177-190 against
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`F.linear` through oneDNN's matrix multiplication instead of ATen's addmm. ATen's
+    fp32 addmm is MKL's, which ran at half oneDNN's speed on an AMD Zen 5 (177-190 against
     ~400 GFLOP/s on the encoder's shapes; equal to float rounding). In bf16 both are oneDNN.
     Under torch.compile the call is an op of its own, which inductor keeps as it is (its
     lowering of oneDNN's linear wants static shapes); eagerly it is oneDNN's op itself
     (calling a custom op imports torch._dynamo, ~70 MB of idle memory)."""
+    if torch.is_autocast_enabled("cpu"):  # what autocast does to F.linear's operands
+        dtype = torch.get_autocast_dtype("cpu")
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if torch.compiler.is_dynamo_compiling():
+        return _onednn_linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose product can run through oneDNN (`onednn_linear`) instead of ATen's
+    addmm (`InferenceVariant.onednn_linear`, set by `M2FP.configure`)."""
 
     onednn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.onednn:
             return super().forward(x)
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled("cpu"):  # what autocast does to F.linear's operands
-            dtype = torch.get_autocast_dtype("cpu")
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        if torch.compiler.is_dynamo_compiling():
-            return _onednn_linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, self.weight, self.bias)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """`nn.MultiheadAttention` (same parameters, same checkpoint keys) whose input and
+    output projections can run through oneDNN like `Linear`'s, around the same scaled
+    dot-product attention (`onednn`, set by `M2FP.configure`). Sequence-first inputs,
+    no dropout (inference), an optional additive mask of shape (batch x heads, L, S)."""
+
+    onednn = False
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, need_weights: bool = False):
+        if not self.onednn or need_weights:
+            return super().forward(query, key, value, attn_mask=attn_mask, need_weights=need_weights)
+        length, batch, width = query.shape
+        heads = self.num_heads
+        # the packed projection's rows: queries, keys, values (contiguous slices)
+        weight, bias = self.in_proj_weight, self.in_proj_bias
+        if key is query:  # self-attention: queries and keys in one product
+            q, k = onednn_linear(query, weight[:2 * width], bias[:2 * width]).chunk(2, dim=-1)
+        else:
+            q = onednn_linear(query, weight[:width], bias[:width])
+            k = onednn_linear(key, weight[width:2 * width], bias[width:2 * width])
+        v = onednn_linear(value, weight[2 * width:], bias[2 * width:])
+
+        def per_head(t: torch.Tensor) -> torch.Tensor:  # (L, B, E) -> (B, heads, L, E / heads)
+            return t.reshape(t.shape[0], batch, heads, width // heads).permute(1, 2, 0, 3)
+
+        mask = None if attn_mask is None else attn_mask.view(batch, heads, length, key.shape[0])
+        out = F.scaled_dot_product_attention(per_head(q), per_head(k), per_head(v), attn_mask=mask)
+        out = out.permute(2, 0, 1, 3).reshape(length, batch, width)
+        return onednn_linear(out, self.out_proj.weight, self.out_proj.bias), None
 
 
 # pixels per pass of GroupNorm's channels-last variance: bounds its temporary to a few MB

@@ -16,7 +16,7 @@ from torch import nn
 from .backbone import DeepLabResNet
 from .config import M2FPConfig
 from .deform_attn import QUERY_CHUNK, MSDeformAttn, gather_and_weight, sample_and_weight
-from .layers import GROUP_NORM_CHUNK, GroupNorm, Linear
+from .layers import GROUP_NORM_CHUNK, GroupNorm, Linear, MultiheadAttention
 from .pixel_decoder import FFN_CHUNK, EncoderLayer, MSDeformAttnPixelDecoder
 from .transformer_decoder import MaskedTransformerDecoder
 
@@ -47,8 +47,9 @@ class InferenceVariant:
     # bfloat16: the network under bf16 autocast (matrix products in bf16; normalisation
     # statistics, softmax, sampling locations and the outputs stay fp32, see deform_attn)
     dtype: torch.dtype = torch.float32
-    # linear layers through oneDNN's matrix product (`layers.Linear`); False: ATen's addmm,
-    # as ModelScope computes them (and what exporters know)
+    # linear layers and attention projections through oneDNN's matrix product
+    # (`layers.Linear`, `layers.MultiheadAttention`); False: ATen's addmm, as ModelScope
+    # computes them (and what exporters know)
     onednn_linear: bool = False
     # deformable-attention queries, feed-forward tokens and group-norm pixels in bounded
     # chunks (memory, not results); False for graphs made once for every input size, as
@@ -113,7 +114,7 @@ class M2FP(nn.Module):
                 module.query_chunk = QUERY_CHUNK if variant.chunked else None
             elif isinstance(module, EncoderLayer):
                 module.ffn_chunk = FFN_CHUNK if variant.chunked else None
-            elif isinstance(module, Linear):
+            elif isinstance(module, (Linear, MultiheadAttention)):
                 module.onednn = variant.onednn_linear
             elif isinstance(module, GroupNorm):
                 module.chunk = GROUP_NORM_CHUNK if variant.chunked else None

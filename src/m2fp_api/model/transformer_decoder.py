@@ -7,14 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig
-from .layers import MLP, ConvNorm, Linear, resize_bilinear, sine_position_embedding
+from .layers import MLP, ConvNorm, Linear, MultiheadAttention, resize_bilinear, sine_position_embedding
 from .pixel_decoder import NUM_DECODER_LEVELS
 
 
 class SelfAttentionLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, pre_norm: bool) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead)
+        self.self_attn = MultiheadAttention(d_model, nhead)
         self.norm = nn.LayerNorm(d_model)
         self.pre_norm = pre_norm
 
@@ -30,7 +30,7 @@ class SelfAttentionLayer(nn.Module):
 class CrossAttentionLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, pre_norm: bool) -> None:
         super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead)
+        self.multihead_attn = MultiheadAttention(d_model, nhead)
         self.norm = nn.LayerNorm(d_model)
         self.pre_norm = pre_norm
 
