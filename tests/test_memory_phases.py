@@ -30,15 +30,15 @@ def _settings(calls):
 
 def test_the_network_keeps_its_activations_in_an_untrimmed_heap(mallopt_calls):
     with memory.network_heap():
-        assert _settings(mallopt_calls) == (memory.NETWORK_MMAP_THRESHOLD, memory.NETWORK_TRIM_THRESHOLD)
+        assert _settings(mallopt_calls) == (memory.UNTRIMMED_MMAP_THRESHOLD, memory.UNTRIMMED_TRIM_THRESHOLD)
     assert _settings(mallopt_calls) == (memory.SETTLED_MMAP_THRESHOLD, memory.SETTLED_TRIM_THRESHOLD)
 
 
 def test_full_resolution_post_processing_prevails_over_a_concurrent_network(mallopt_calls):
     full_resolution = (memory.FULL_RESOLUTION_MMAP_THRESHOLD, memory.SETTLED_TRIM_THRESHOLD)
-    network = (memory.NETWORK_MMAP_THRESHOLD, memory.NETWORK_TRIM_THRESHOLD)
+    network = (memory.UNTRIMMED_MMAP_THRESHOLD, memory.UNTRIMMED_TRIM_THRESHOLD)
     with memory.network_heap():  # one task's network ...
-        with memory.full_resolution_heap(memory.FULL_RESOLUTION_MIN_PIXELS):  # ... another's 4 MP maps
+        with memory.post_processing_heap(memory.FULL_RESOLUTION_MIN_PIXELS):  # ... another's 4 MP maps
             assert _settings(mallopt_calls) == full_resolution
             with memory.network_heap():  # a third task's network starts meanwhile
                 assert _settings(mallopt_calls) == full_resolution
@@ -48,7 +48,7 @@ def test_full_resolution_post_processing_prevails_over_a_concurrent_network(mall
 
 
 def test_smaller_photos_leave_the_heap_as_it_is(mallopt_calls):
-    with memory.full_resolution_heap(memory.FULL_RESOLUTION_MIN_PIXELS - 1):
+    with memory.post_processing_heap(memory.FULL_RESOLUTION_MIN_PIXELS - 1):
         assert mallopt_calls == []
 
 

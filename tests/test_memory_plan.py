@@ -3,7 +3,7 @@
 the plan's bytes per pixel allow, with 15 % headroom, for photos and strips alike.
 
 Measured in fresh processes (the kernel's peak RSS, reset before the task) on the
-tiny fixture model at 4.8 MP, with a
+tiny fixture model at 4.8 MP (and just under 4 MP), with a
 1 MB post-processing chunk so that, as at 24 MP with the default chunk, one query is
 upsampled at a time. The full-size figures are in the README ("Memory budget").
 """
@@ -23,8 +23,10 @@ from m2fp_api.settings import Settings
 
 HEADROOM = 1.15
 BASE = (512, 512)
-# about 4.8 MP each: a photo, a 4:1 panorama, the most extreme strips the network accepts
-SHAPES = [(2200, 2200), (4400, 1100), (40000, 121), (121, 40000)]
+# about 4.8 MP each: a photo, a 4:1 panorama, the most extreme strips the network accepts;
+# and a panorama just under 4 MP, where the heap was left to itself until it grew by up to
+# 34 B a pixel (engine.memory.FULL_RESOLUTION_MIN_PIXELS)
+SHAPES = [(2200, 2200), (4400, 1100), (40000, 121), (121, 40000), (3980, 995)]
 
 TASK = """
 import json, re, sys
