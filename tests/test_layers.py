@@ -65,3 +65,16 @@ def test_group_norm_of_a_bf16_map_far_from_zero_keeps_its_statistics():
     assert float((ours.double() - exact).abs().max()) <= 2 ** -7 * float(exact.abs().max())
     torch_channels_last = F.group_norm(x.contiguous(memory_format=torch.channels_last), 8)
     assert float((torch_channels_last.double() - exact).abs().max()) > 4 * 2 ** -7 * float(exact.abs().max())
+
+
+def test_group_norm_in_place_overwrites_only_outside_autograd():
+    norm, in_place = GroupNorm(8, 64), GroupNorm(8, 64, in_place=True)
+    x = _map().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = norm(x)
+        overwritten = x.clone(memory_format=torch.channels_last)
+        out = in_place(overwritten)
+    assert out.data_ptr() == overwritten.data_ptr() and torch.equal(out, expected)
+    kept = x.clone(memory_format=torch.channels_last)
+    trained = in_place(kept)  # gradients enabled: the input stays as it was
+    assert torch.equal(kept, x) and torch.equal(trained.detach(), expected)

@@ -115,9 +115,15 @@ class GroupNorm(nn.GroupNorm):
     included, tests/test_layers.py): here the mean is a cascaded sum and the variance a
     second pass over the deviations from it, `chunk` pixels at a time (set by
     `M2FP.configure`; None: all at once, for graphs made once for every input size).
-    Other layouts take torch's kernel."""
+    Other layouts take torch's kernel. `in_place`: outside autograd, the output overwrites
+    the input map (for a map nothing else reads, as a convolution's output: at 1/4 scale
+    one full map less at the network's peak)."""
 
     chunk: int | None = GROUP_NORM_CHUNK
+
+    def __init__(self, num_groups: int, num_channels: int, *, in_place: bool = False, **kwargs) -> None:
+        super().__init__(num_groups, num_channels, **kwargs)
+        self.in_place = in_place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
@@ -144,7 +150,7 @@ class GroupNorm(nn.GroupNorm):
         if torch.is_grad_enabled():  # training (the stand-ins): out= is not differentiable
             out = torch.addcmul(shift, pixels, scale).to(x.dtype)
             return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        out = torch.empty_like(x, memory_format=torch.channels_last)
+        out = x if self.in_place else torch.empty_like(x, memory_format=torch.channels_last)
         out_pixels = out.permute(0, 2, 3, 1).view(batch, height * width, channels)
         destinations = [out_pixels] if self.chunk is None else out_pixels.split(self.chunk, dim=1)
         for part, destination in zip(parts, destinations):

@@ -92,9 +92,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # backbone levels from high to low resolution (res2 .. res5)
         self.in_features = sorted(cfg.in_features, key=lambda f: strides[f])
         self.transformer_in_features = sorted(cfg.transformer_in_features, key=lambda f: strides[f])
-        # projections run from low to high resolution (res5 first)
+        # projections run from low to high resolution (res5 first); every group norm here
+        # normalises a convolution's fresh output, which nothing else reads: in place
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels[f], conv_dim, kernel_size=1), GroupNorm(32, conv_dim))
+            nn.Sequential(nn.Conv2d(channels[f], conv_dim, kernel_size=1),
+                          GroupNorm(32, conv_dim, in_place=True))
             for f in reversed(self.transformer_in_features)
         )
         self.transformer = DeformableEncoder(
@@ -107,11 +109,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.fpn_features = self.in_features[: self.num_fpn_levels]
         for idx, f in enumerate(self.fpn_features):
             self.add_module(f"adapter_{idx + 1}", ConvNorm(
-                channels[f], conv_dim, kernel_size=1, bias=False, norm=GroupNorm(32, conv_dim)))
+                channels[f], conv_dim, kernel_size=1, bias=False, norm=GroupNorm(32, conv_dim, in_place=True)))
             self.add_module(f"layer_{idx + 1}", ConvNorm(
                 conv_dim, conv_dim, kernel_size=3, padding=1, bias=False,
                 # in place: its input is the norm's fresh output (saves a full map)
-                norm=GroupNorm(32, conv_dim), activation=F.relu_))
+                norm=GroupNorm(32, conv_dim, in_place=True), activation=F.relu_))
 
     def forward(self, features: dict[str, torch.Tensor]):
         """Returns (mask_features at the finest stride, [3 scales for the decoder]).
