@@ -1,6 +1,13 @@
-"""How glibc serves large allocations in each phase of a parse (engine.memory)."""
+"""How the process's memory is served: glibc's thresholds while a large photo is
+post-processed, and transparent huge pages for torch's large allocations
+(engine.memory, m2fp_api/__init__.py)."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,37 +29,33 @@ def mallopt_calls(monkeypatch):
     return calls
 
 
-def _settings(calls):
-    """The thresholds in force after the calls so far: (mmap, trim)."""
-    latest = dict(calls)
-    return latest[memory.M_MMAP_THRESHOLD], latest[memory.M_TRIM_THRESHOLD]
-
-
-def test_the_network_keeps_its_activations_in_an_untrimmed_heap(mallopt_calls):
-    with memory.network_heap():
-        assert _settings(mallopt_calls) == (memory.UNTRIMMED_MMAP_THRESHOLD, memory.UNTRIMMED_TRIM_THRESHOLD)
-    assert _settings(mallopt_calls) == (memory.SETTLED_MMAP_THRESHOLD, memory.SETTLED_TRIM_THRESHOLD)
-
-
-def test_full_resolution_post_processing_prevails_over_a_concurrent_network(mallopt_calls):
-    full_resolution = (memory.FULL_RESOLUTION_MMAP_THRESHOLD, memory.SETTLED_TRIM_THRESHOLD)
-    network = (memory.UNTRIMMED_MMAP_THRESHOLD, memory.UNTRIMMED_TRIM_THRESHOLD)
-    with memory.network_heap():  # one task's network ...
-        with memory.post_processing_heap(memory.FULL_RESOLUTION_MIN_PIXELS):  # ... another's 4 MP maps
-            assert _settings(mallopt_calls) == full_resolution
-            with memory.network_heap():  # a third task's network starts meanwhile
-                assert _settings(mallopt_calls) == full_resolution
-            assert _settings(mallopt_calls) == full_resolution
-        assert _settings(mallopt_calls) == network
-    assert _settings(mallopt_calls) == (memory.SETTLED_MMAP_THRESHOLD, memory.SETTLED_TRIM_THRESHOLD)
+def test_large_photos_are_post_processed_in_mappings_of_their_own(mallopt_calls):
+    with memory.full_resolution_heap(memory.FULL_RESOLUTION_MIN_PIXELS):
+        assert mallopt_calls == [(memory.M_MMAP_THRESHOLD, memory.FULL_RESOLUTION_MMAP_THRESHOLD)]
+    assert dict(mallopt_calls[1:]) == {memory.M_MMAP_THRESHOLD: memory.SETTLED_MMAP_THRESHOLD,
+                                       memory.M_TRIM_THRESHOLD: memory.SETTLED_TRIM_THRESHOLD}
 
 
 def test_smaller_photos_leave_the_heap_as_it_is(mallopt_calls):
-    with memory.post_processing_heap(memory.FULL_RESOLUTION_MIN_PIXELS - 1):
+    with memory.full_resolution_heap(memory.FULL_RESOLUTION_MIN_PIXELS - 1):
         assert mallopt_calls == []
 
 
-def test_a_failing_network_restores_the_settled_thresholds(mallopt_calls):
-    with pytest.raises(RuntimeError), memory.network_heap():
-        raise RuntimeError("the network failed")
-    assert _settings(mallopt_calls) == (memory.SETTLED_MMAP_THRESHOLD, memory.SETTLED_TRIM_THRESHOLD)
+HUGE_PAGES = """
+import re
+import m2fp_api  # before torch, as the service and the CLI import it
+import torch
+
+block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+rollup = open("/proc/self/smaps_rollup").read()
+print(int(re.search(r"AnonHugePages:\\s+(\\d+) kB", rollup).group(1)))
+"""
+
+
+def test_large_tensors_ask_for_transparent_huge_pages():
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("this kernel grants no transparent huge pages")
+    huge_kb = int(subprocess.run([sys.executable, "-c", HUGE_PAGES], capture_output=True, text=True,
+                                 check=True).stdout.split()[-1])
+    assert huge_kb >= 32 * 1024  # most of the 64 MB block

@@ -165,7 +165,9 @@ def run_peer(sizes: list[tuple[int, int]], runs: int) -> dict[str, dict]:
         if name not in PEER_PHOTOS:
             continue
         print(f"measuring ModelScope's pipeline {name} ...", file=sys.stderr)
-        env = {**os.environ, "PYTHONPATH": str(PEER_DIR / "shim")}
+        # as its users run it: without the huge-page request this package makes on import
+        env = {**{k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"},
+               "PYTHONPATH": str(PEER_DIR / "shim")}
         proc = subprocess.run([str(PEER_PYTHON), str(PEER_DIR / "bench_peer.py"), str(PEER_MODEL),
                                PEER_PHOTOS[name], "--runs", str(runs + 1)],
                               capture_output=True, text=True, env=env)

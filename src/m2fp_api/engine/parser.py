@@ -18,7 +18,7 @@ from ..model import M2FP, M2FPConfig
 from .backends import BACKENDS, Backend, configure_threads, select_backend
 from .checkpoint import HUB_MULTIPLE, ModelSource, load_network, resolve_model
 from .images import DecodedImage, ImageInput, ImageLimits, decode_image
-from .memory import post_processing_heap, network_heap, release_free_memory
+from .memory import full_resolution_heap, release_free_memory
 from .compiled import CompiledHeads, input_sizes
 from .onnx import onnx_network
 from .optimize import optimize
@@ -140,12 +140,12 @@ class HumanParser:
         timings["decoding"] = decoded.decode_ms
         inp = prepare(decoded.image, self.config, decoded.original_size)
         stage("inference")
-        with torch.inference_mode(), network_heap():
+        with torch.inference_mode():
             out = self.network(inp.tensor[None])
         # the network's freed activations: back to the OS before the full-size maps
         release_free_memory()
         stage("postprocessing")
-        with torch.inference_mode(), post_processing_heap(inp.output_size[0] * inp.output_size[1]):
+        with torch.inference_mode(), full_resolution_heap(inp.output_size[0] * inp.output_size[1]):
             post = parse_single if self.config.single_human else parse_multiple
             result = post(out, inp, self.config, self.chunk_bytes)
         stage(None)
@@ -160,7 +160,7 @@ class HumanParser:
         """Run the whole pipeline once on a small input so the first real request does not
         pay for lazy initialisation (thread pools, kernels, allocator). The network is fed
         a 128 px input directly: a photo would be resized to 640 px, a full inference."""
-        with torch.inference_mode(), network_heap():
+        with torch.inference_mode():
             self.network(torch.full((1, 3, 128, 128), 128.0))
         release_free_memory()
         if self.compiler is not None:  # after the warm-up: compiling never delays readiness
