@@ -109,10 +109,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.fpn_features = self.in_features[: self.num_fpn_levels]
         for idx, f in enumerate(self.fpn_features):
             self.add_module(f"adapter_{idx + 1}", ConvNorm(
-                channels[f], conv_dim, kernel_size=1, bias=False, norm=GroupNorm(32, conv_dim, in_place=True)))
+                channels[f], conv_dim, kernel_size=1, bias=False,
+                norm=GroupNorm(32, conv_dim, in_place=True)))
             self.add_module(f"layer_{idx + 1}", ConvNorm(
                 conv_dim, conv_dim, kernel_size=3, padding=1, bias=False,
-                # in place: its input is the norm's fresh output (saves a full map)
+                # the ReLU in place too: its input is the norm's output (saves a full map)
                 norm=GroupNorm(32, conv_dim, in_place=True), activation=F.relu_))
 
     def forward(self, features: dict[str, torch.Tensor]):
