@@ -1,12 +1,14 @@
 """How the process's memory is served: glibc's thresholds while a large photo is
-post-processed, and transparent huge pages for torch's large allocations
-(engine.memory, m2fp_api/__init__.py)."""
+post-processed, when freed memory goes back to the OS, and transparent huge pages for
+torch's large allocations (engine.memory, m2fp_api/__init__.py)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,73 @@ def test_large_photos_are_post_processed_in_mappings_of_their_own(mallopt_calls)
 def test_smaller_photos_leave_the_heap_as_it_is(mallopt_calls):
     with memory.full_resolution_heap(memory.FULL_RESOLUTION_MIN_PIXELS - 1):
         assert mallopt_calls == []
+
+
+@pytest.fixture
+def trims(monkeypatch):
+    """The moments memory was given back to the OS, with a short idle delay."""
+    calls: list[float] = []
+    monkeypatch.setattr(memory, "release_free_memory", lambda: calls.append(time.monotonic()))
+    monkeypatch.setattr(memory, "IDLE_TRIM_DELAY_S", 0.3)
+    return calls
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_memory_goes_back_once_no_task_has_run_for_the_delay(trims):
+    with memory.trimmed_when_idle():
+        pass
+    assert trims == []  # not as the task ends: the next one would fault it all in again
+    time.sleep(memory.IDLE_TRIM_DELAY_S / 2)
+    with memory.trimmed_when_idle():  # a task within the delay starts it over
+        pass
+    ended = time.monotonic()
+    wait_for(lambda: trims)
+    assert trims[0] - ended >= memory.IDLE_TRIM_DELAY_S
+    time.sleep(3 * memory.IDLE_TRIM_DELAY_S)
+    assert len(trims) == 1  # once, whatever timers the earlier tasks left
+
+
+def test_no_memory_goes_back_while_a_task_runs(trims):
+    with memory.trimmed_when_idle():
+        pass
+    with memory.trimmed_when_idle():  # outlasts the first task's delay
+        time.sleep(3 * memory.IDLE_TRIM_DELAY_S)
+        assert trims == []
+    wait_for(lambda: trims)
+
+
+def test_memory_stays_while_any_concurrent_task_runs(trims):
+    first_done, second_may_end = threading.Event(), threading.Event()
+
+    def second():
+        with memory.trimmed_when_idle():
+            first_done.wait(5)
+            second_may_end.wait(5)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    time.sleep(0.1)  # the second task is running
+    with memory.trimmed_when_idle():
+        pass
+    first_done.set()
+    time.sleep(3 * memory.IDLE_TRIM_DELAY_S)
+    assert trims == []
+    second_may_end.set()
+    thread.join()
+    wait_for(lambda: trims)
+
+
+def test_a_large_photo_gives_its_memory_back_as_its_task_ends(trims):
+    memory.release_after_task(memory.FULL_RESOLUTION_MIN_PIXELS)
+    assert len(trims) == 1
+    memory.release_after_task(memory.FULL_RESOLUTION_MIN_PIXELS - 1)
+    assert len(trims) == 1
 
 
 HUGE_PAGES = """

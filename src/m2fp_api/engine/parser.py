@@ -18,7 +18,7 @@ from ..model import M2FP, M2FPConfig
 from .backends import BACKENDS, Backend, configure_threads, select_backend
 from .checkpoint import HUB_MULTIPLE, ModelSource, load_network, resolve_model
 from .images import DecodedImage, ImageInput, ImageLimits, decode_image
-from .memory import full_resolution_heap, release_free_memory
+from .memory import TRIM_BEFORE_POSTPROCESSING_MIN_PIXELS, full_resolution_heap, release_free_memory
 from .compiled import CompiledHeads, input_sizes
 from .onnx import onnx_network
 from .optimize import optimize
@@ -142,10 +142,12 @@ class HumanParser:
         stage("inference")
         with torch.inference_mode():
             out = self.network(inp.tensor[None])
-        # the network's freed activations: back to the OS before the full-size maps
-        release_free_memory()
+        pixels = inp.output_size[0] * inp.output_size[1]
+        if pixels >= TRIM_BEFORE_POSTPROCESSING_MIN_PIXELS:
+            # the network's freed activations: back to the OS before the full-size maps
+            release_free_memory()
         stage("postprocessing")
-        with torch.inference_mode(), full_resolution_heap(inp.output_size[0] * inp.output_size[1]):
+        with torch.inference_mode(), full_resolution_heap(pixels):
             post = parse_single if self.config.single_human else parse_multiple
             result = post(out, inp, self.config, self.chunk_bytes)
         stage(None)

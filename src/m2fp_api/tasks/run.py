@@ -9,7 +9,7 @@ import time
 from typing import Callable
 
 from ..engine import HumanParser
-from ..engine.memory import release_free_memory
+from ..engine.memory import release_after_task, trimmed_when_idle
 from ..errors import CodedError, M2FPError, OutOfMemory, ShutDown, TaskFailure, TimedOut
 from ..outputs import render_outputs
 from .task import Stage, TaskOptions, TaskOutcome, TaskStatus
@@ -47,42 +47,44 @@ def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes
         check()
         store.update(task_id, if_status=running, stage=Stage(stage), progress=progress)
 
-    result = None
-    status = TaskStatus.failed
-    try:
-        if not store.update(task_id, if_status=(TaskStatus.queued,), status=TaskStatus.running,
-                            stage=Stage.decoding, started_at=time.time()):
-            return  # cancelled or expired while waiting
-        on_stage(Stage.decoding.value, 0.0)
-        decoded = parser.decode(payload)
-        result = parser.parse(decoded, on_stage=on_stage)
-        on_stage(Stage.rendering.value, RENDER_PROGRESS)
-        t0 = time.perf_counter()
-        outputs, doc = render_outputs(result, decoded.image, options.outputs, options.overlay_alpha,
-                                      parser.info, options.masks)
-        doc["timings_ms"]["rendering"] = round((time.perf_counter() - t0) * 1000, 2)
-        check()
-        store.put_outputs(task_id, outputs)
-        if store.update(task_id, if_status=running, status=TaskStatus.succeeded, stage=Stage.done,
-                        progress=1.0, result=doc, finished_at=time.time()):
-            status = TaskStatus.succeeded
-    except TaskAbandoned as stop:
-        if stop.reason == "cancelled":
-            status = TaskStatus.cancelled
-            store.update(task_id, status=TaskStatus.cancelled, finished_at=time.time())
-        else:
-            fail_task(store, task_id, STOP_FAILURES[stop.reason]())
-    except M2FPError as exc:
-        fail_task(store, task_id, exc)
-    except MemoryError:
-        fail_task(store, task_id, OutOfMemory())
-    except Exception:
-        log.exception("task failed unexpectedly", extra={"task_id": task_id})
-        fail_task(store, task_id, TaskFailure())
-    finally:
-        release_free_memory()  # the task's full-size temporaries: back to the OS
-        if on_finished is not None:
-            on_finished(TaskOutcome(status, dict(result.timings_ms) if status is TaskStatus.succeeded else {}))
+    with trimmed_when_idle():  # the rest is given back once tasks stop
+        result = decoded = None
+        status = TaskStatus.failed
+        try:
+            if not store.update(task_id, if_status=(TaskStatus.queued,), status=TaskStatus.running,
+                                stage=Stage.decoding, started_at=time.time()):
+                return  # cancelled or expired while waiting
+            on_stage(Stage.decoding.value, 0.0)
+            decoded = parser.decode(payload)
+            result = parser.parse(decoded, on_stage=on_stage)
+            on_stage(Stage.rendering.value, RENDER_PROGRESS)
+            t0 = time.perf_counter()
+            outputs, doc = render_outputs(result, decoded.image, options.outputs, options.overlay_alpha,
+                                          parser.info, options.masks)
+            doc["timings_ms"]["rendering"] = round((time.perf_counter() - t0) * 1000, 2)
+            check()
+            store.put_outputs(task_id, outputs)
+            if store.update(task_id, if_status=running, status=TaskStatus.succeeded, stage=Stage.done,
+                            progress=1.0, result=doc, finished_at=time.time()):
+                status = TaskStatus.succeeded
+        except TaskAbandoned as stop:
+            if stop.reason == "cancelled":
+                status = TaskStatus.cancelled
+                store.update(task_id, status=TaskStatus.cancelled, finished_at=time.time())
+            else:
+                fail_task(store, task_id, STOP_FAILURES[stop.reason]())
+        except M2FPError as exc:
+            fail_task(store, task_id, exc)
+        except MemoryError:
+            fail_task(store, task_id, OutOfMemory())
+        except Exception:
+            log.exception("task failed unexpectedly", extra={"task_id": task_id})
+            fail_task(store, task_id, TaskFailure())
+        finally:
+            if decoded is not None:
+                release_after_task(decoded.size[0] * decoded.size[1])
+            if on_finished is not None:
+                on_finished(TaskOutcome(status, dict(result.timings_ms) if status is TaskStatus.succeeded else {}))
 
 
 def fail_task(store: TaskStore, task_id: str, error: CodedError,
