@@ -135,9 +135,11 @@ class GroupNorm(nn.GroupNorm):
         # map is widened a chunk at a time, never whole (a 1/4-scale map is ~50 MB in fp32)
         pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         count = height * width * per_group
-        mean = pixels.sum(1, dtype=torch.float32).view(batch, groups, per_group).sum(-1, keepdim=True) / count
-        centre = mean.expand(batch, groups, per_group).reshape(batch, 1, channels)
         parts = [pixels] if self.chunk is None else pixels.split(self.chunk, dim=1)
+        # summing with dtype=float32 would widen a bf16 map whole first
+        sums = pixels.sum(1) if x.dtype == torch.float32 else sum(part.float().sum(1) for part in parts)
+        mean = sums.view(batch, groups, per_group).sum(-1, keepdim=True) / count
+        centre = mean.expand(batch, groups, per_group).reshape(batch, 1, channels)
         squares = sum((part.float() - centre).square().sum(1) for part in parts)
         var = squares.view(batch, groups, per_group).sum(-1, keepdim=True) / count
         per_channel = (1, groups, per_group)
