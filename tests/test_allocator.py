@@ -103,10 +103,10 @@ def test_memory_stays_while_any_concurrent_task_runs(trims):
     wait_for(lambda: trims)
 
 
-def test_a_large_photo_gives_its_memory_back_as_its_task_ends(trims):
-    memory.release_after_task(memory.FULL_RESOLUTION_MIN_PIXELS)
+def test_only_a_large_photo_gives_memory_back_at_once(trims):
+    memory.release_if_large(memory.EAGER_TRIM_MIN_PIXELS)
     assert len(trims) == 1
-    memory.release_after_task(memory.FULL_RESOLUTION_MIN_PIXELS - 1)
+    memory.release_if_large(memory.EAGER_TRIM_MIN_PIXELS - 1)
     assert len(trims) == 1
 
 

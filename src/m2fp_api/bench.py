@@ -114,7 +114,7 @@ def run_child(spec: dict) -> dict:
     the oracle's held-out scenes."""
     import psutil
 
-    from .engine.memory import release_after_task, release_free_memory
+    from .engine.memory import release_free_memory, release_if_large
 
     proc = psutil.Process()
     width, height = spec["size"]
@@ -133,7 +133,7 @@ def run_child(spec: dict) -> dict:
     for _ in range(spec["runs"]):
         # back to back, as the service runs queued tasks (outside the timing, as there)
         result = None
-        release_after_task(width * height)
+        release_if_large(width * height)
         t0 = time.perf_counter()
         result = parser.parse(photo)
         total = (time.perf_counter() - t0) * 1000

@@ -18,7 +18,7 @@ from ..model import M2FP, M2FPConfig
 from .backends import BACKENDS, Backend, configure_threads, select_backend
 from .checkpoint import HUB_MULTIPLE, ModelSource, load_network, resolve_model
 from .images import DecodedImage, ImageInput, ImageLimits, decode_image
-from .memory import TRIM_BEFORE_POSTPROCESSING_MIN_PIXELS, full_resolution_heap, release_free_memory
+from .memory import full_resolution_heap, release_free_memory, release_if_large
 from .compiled import CompiledHeads, input_sizes
 from .onnx import onnx_network
 from .optimize import optimize
@@ -143,9 +143,7 @@ class HumanParser:
         with torch.inference_mode():
             out = self.network(inp.tensor[None])
         pixels = inp.output_size[0] * inp.output_size[1]
-        if pixels >= TRIM_BEFORE_POSTPROCESSING_MIN_PIXELS:
-            # the network's freed activations: back to the OS before the full-size maps
-            release_free_memory()
+        release_if_large(pixels)  # the network's freed activations, before the full-size maps
         stage("postprocessing")
         with torch.inference_mode(), full_resolution_heap(pixels):
             post = parse_single if self.config.single_human else parse_multiple

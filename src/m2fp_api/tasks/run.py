@@ -9,7 +9,7 @@ import time
 from typing import Callable
 
 from ..engine import HumanParser
-from ..engine.memory import release_after_task, trimmed_when_idle
+from ..engine.memory import release_if_large, trimmed_when_idle
 from ..errors import CodedError, M2FPError, OutOfMemory, ShutDown, TaskFailure, TimedOut
 from ..outputs import render_outputs
 from .task import Stage, TaskOptions, TaskOutcome, TaskStatus
@@ -82,7 +82,7 @@ def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes
             fail_task(store, task_id, TaskFailure())
         finally:
             if decoded is not None:
-                release_after_task(decoded.size[0] * decoded.size[1])
+                release_if_large(decoded.size[0] * decoded.size[1])  # full-size maps
             if on_finished is not None:
                 on_finished(TaskOutcome(status, dict(result.timings_ms) if status is TaskStatus.succeeded else {}))
 
