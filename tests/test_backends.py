@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import FIXTURES, PARITY, load_expected
 from m2fp_api import HumanParser, oracle
 from m2fp_api.engine.backends import ONNX_RUNTIMES, select_backend
 from m2fp_api.engine.checkpoint import load_network
-from m2fp_api.engine.compiled import input_sizes, multiple_human_sizes
-from m2fp_api.engine.int8 import Int8Backbone, calibration_inputs, quantize_backbone
+from m2fp_api.engine.compiled import CompiledHeads, input_sizes, multiple_human_sizes
+from m2fp_api.engine.int8 import (Int8Backbone, QuantizedFeedForward, calibration_inputs, quantize_backbone,
+                                  quantize_feed_forwards)
 from m2fp_api.engine.optimize import optimize
 
 ORACLE = FIXTURES / "oracle"
@@ -65,10 +67,12 @@ def test_fast_agrees_with_exact_on_the_oracle(oracle_exact, scenes, exact_maps, 
     products: they then run correctly, slowly): bf16 through the whole network; the
     backbone in int8 with bf16 heads; the backbone in int8 with fp32 heads."""
     backend = select_backend("fast", threads=oracle_exact.backend.threads, bf16=bf16, int8=int8)
-    assert (backend.name, backend.int8_backbone) == (name, int8)
-    fast = HumanParser(optimize(load_network(oracle_exact.source), backend.level, backend.int8_backbone),
+    assert (backend.name, backend.int8) == (name, int8)
+    fast = HumanParser(optimize(load_network(oracle_exact.source), backend.level, backend.int8),
                        oracle_exact.source, backend)
     assert isinstance(fast.network.backbone, Int8Backbone) == int8
+    encoder = fast.network.sem_seg_head.pixel_decoder.transformer.encoder
+    assert all(isinstance(layer.feed_forward, QuantizedFeedForward) == int8 for layer in encoder.layers)
     agreement = np.mean([oracle.agreement(e, fast.parse(s.image).class_map)
                          for e, s in zip(exact_maps, scenes)])
     assert agreement >= oracle.MIN_AGREEMENT, agreement
@@ -89,6 +93,35 @@ def test_int8_backbone_tracks_the_float_one(oracle_exact, scenes):
         assert error < 0.1, (name, float(error))
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_int8_feed_forwards_track_the_float_ones(oracle_exact, scenes, bf16):
+    """Each encoder layer's int8 feed-forward stays close to linear2(relu(linear1(x))) on
+    a held-out scene, in the dtype the float layers give, and leaves x (which is also the
+    layer's residual) as it was."""
+    network = optimize(load_network(oracle_exact.source), "fast" if bf16 else "exact")
+    layers = list(network.sem_seg_head.pixel_decoder.transformer.encoder.layers)
+    assert quantize_feed_forwards(network, calibration_inputs(network.prepare)) == len(layers) > 0
+    checked = []
+
+    def compare(layer, x):
+        before = x.clone()
+        got = layer.feed_forward.forward(x)  # not through the hook calling this
+        torch.testing.assert_close(x, before, atol=0, rtol=0)
+        expected = layer.linear2(F.relu(layer.linear1(x)))
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        error = (got.float() - expected.float()).norm() / expected.float().norm()
+        assert error < 0.1, float(error)
+        checked.append(layer)
+
+    for layer in layers:  # the first query chunk of each layer
+        layer.feed_forward.register_forward_pre_hook(
+            lambda module, args, layer=layer: None if layer in checked else compare(layer, args[0]))
+    x = network.prepare(torch.from_numpy(np.ascontiguousarray(scenes[0].image)).permute(2, 0, 1)[None].float())
+    with torch.inference_mode():
+        network.predict(x)
+    assert checked == layers
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8-bf16"])
 def test_fast_stores_its_matrix_weights_in_bf16_with_identical_outputs(oracle_exact, int8, monkeypatch):
     """Weights kept in bf16 compute exactly what autocast's per-call rounding of the fp32
@@ -101,7 +134,7 @@ def test_fast_stores_its_matrix_weights_in_bf16_with_identical_outputs(oracle_ex
         with monkeypatch.context() as patch:
             if not store:
                 patch.setattr(optimize_module, "store_matrix_weights", lambda network, dtype: 0)
-            network = optimize(load_network(oracle_exact.source), "fast", int8_backbone=int8)
+            network = optimize(load_network(oracle_exact.source), "fast", int8=int8)
         linear = network.sem_seg_head.predictor.class_embed
         assert linear.weight.dtype == (torch.bfloat16 if store else torch.float32)
         with torch.inference_mode():
@@ -137,7 +170,7 @@ def test_exact_linear_layers_through_onednn_stay_within_rounding_of_addmm():
 
 def test_fast_falls_back_to_exact_without_native_bf16_or_int8():
     backend = select_backend("fast", threads=2, bf16=False, int8=False)
-    assert (backend.name, backend.dtype, backend.level, backend.int8_backbone) == (
+    assert (backend.name, backend.dtype, backend.level, backend.int8) == (
         "torch-fp32", "float32", "exact", False)
 
 
@@ -279,6 +312,28 @@ def test_compiled_heads_equal_eager_and_never_block(tmp_path, compile):
     torch.testing.assert_close(compiled.pred_logits, eager.pred_logits, atol=LOGIT_TOL, rtol=0)
     torch.testing.assert_close(compiled.pred_masks, eager.pred_masks, atol=LOGIT_TOL, rtol=0)
     assert list((tmp_path / "inductor").iterdir()), "inductor's artefacts are kept in the cache dir"
+
+
+@pytest.mark.timeout(1200)
+def test_fast_heads_compile_with_their_int8_feed_forwards(tmp_path):
+    """The int8 feed-forwards are one op to inductor, kept as it is (its own lowering of
+    oneDNN's int8 linear wants weights frozen into the graph): fast's heads compile, and
+    give what eager gives to bf16 rounding."""
+    backend = select_backend("fast", threads=2, bf16=True, int8=True)
+    source = HumanParser.from_pretrained(PARITY / "tiny-multiple", allow_download=False).source
+    network = optimize(load_network(source), backend.level, backend.int8)
+    compiler = CompiledHeads(network, [(640, 864)], tmp_path)
+    parser = HumanParser(network, source, backend, compiler=compiler)
+    images = torch.rand(1, 3, 640, 860, generator=torch.Generator().manual_seed(1)) * 255
+    with torch.inference_mode():
+        eager = parser.network(images)
+    parser.warm_up()
+    assert compiler.wait(timeout=1100) and compiler.failed is None, compiler.failed
+    assert compiler.ready == {(640, 864)}
+    with torch.inference_mode():
+        compiled = parser.network(images)
+    for got, expected in ((compiled.pred_logits, eager.pred_logits), (compiled.pred_masks, eager.pred_masks)):
+        assert (got - expected).norm() / expected.norm() < 0.02
 
 
 @pytest.mark.timeout(600)

@@ -26,7 +26,7 @@ class Backend:
     dtype: str
     threads: int
     level: str  # the network optimisation level (engine.optimize)
-    int8_backbone: bool = False  # the backbone quantised to int8 (engine.int8)
+    int8: bool = False  # the backbone and the encoder's feed-forwards in int8 (engine.int8)
 
 
 def _cpuinfo() -> str:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..model import M2FP, InferenceVariant
 from ..model.layers import ConvNorm
-from .int8 import calibration_inputs, quantize_backbone
+from .int8 import calibration_inputs, quantize_backbone, quantize_feed_forwards
 
 EXACT = InferenceVariant(gathered_sampling=True, level_masks=True, channels_last=True,
                          onednn_linear=torch.backends.mkldnn.is_available())
@@ -71,17 +71,20 @@ def store_matrix_weights(network: nn.Module, dtype: torch.dtype) -> int:
     return converted
 
 
-def optimize(network: M2FP, level: str, int8_backbone: bool = False) -> M2FP:
+def optimize(network: M2FP, level: str, int8: bool = False) -> M2FP:
     """`exact`: the rewrites above; `fast`: plus bf16 autocast, with the matrix weights
-    stored in bf16; `reference`: none. `int8_backbone`: the (folded) backbone swapped for
-    its int8 twin (calibrated in fp32, before the rest is stored in bf16)."""
+    stored in bf16; `reference`: none. `int8`: the (folded) backbone swapped for its int8
+    twin, then the encoder's feed-forwards given theirs, each calibrated with what comes
+    before it already in int8 (before the rest is stored in bf16)."""
     if level != "reference":
         fold_batchnorm(network)
     network.configure(VARIANTS[level])
-    if int8_backbone:
+    if int8:
         if level == "reference":
             raise ValueError("the reference network is not quantised")
-        network.backbone = quantize_backbone(network.backbone, calibration_inputs(network.prepare))
+        inputs = calibration_inputs(network.prepare)
+        network.backbone = quantize_backbone(network.backbone, inputs)
+        quantize_feed_forwards(network, inputs)
     if level == "fast":
         store_matrix_weights(network, torch.bfloat16)
     return network

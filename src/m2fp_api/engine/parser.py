@@ -83,7 +83,7 @@ class HumanParser:
         threads = configure_threads(threads)
         selected = select_backend(backend, threads)
         network = optimize(load_network(source), "exact" if selected.level == "onnx" else selected.level,
-                           int8_backbone=selected.int8_backbone)
+                           int8=selected.int8)
         compiler = None
         if selected.level == "onnx":
             network = onnx_network(network, source, cache_dir, threads, runtime=backend)

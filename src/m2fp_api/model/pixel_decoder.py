@@ -29,13 +29,20 @@ class EncoderLayer(nn.Module):
         self.linear2 = Linear(d_ffn, d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn_chunk: int | None = FFN_CHUNK  # None: all tokens at once (M2FP.configure)
+        # what computes linear2(relu(linear1(x))) in their place, if anything (an engine's
+        # int8 twin of the two layers); its own attribute, so checkpoints keep their keys
+        self.feed_forward: nn.Module | None = None
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feed_forward is not None:
+            return self.feed_forward(x)
+        return self.linear2(F.relu(self.linear1(x)))
 
     def forward(self, src, pos, reference_points, spatial_shapes):
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
         if self.ffn_chunk is None:
-            return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
-        return torch.cat([self.norm2(part + self.linear2(F.relu(self.linear1(part))))
-                          for part in src.split(self.ffn_chunk, dim=1)], dim=1)
+            return self.norm2(src + self.ffn(src))
+        return torch.cat([self.norm2(part + self.ffn(part)) for part in src.split(self.ffn_chunk, dim=1)], dim=1)
 
 
 class Encoder(nn.Module):
