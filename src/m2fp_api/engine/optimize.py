@@ -84,7 +84,9 @@ def optimize(network: M2FP, level: str, int8: bool = False) -> M2FP:
             raise ValueError("the reference network is not quantised")
         inputs = calibration_inputs(network.prepare)
         network.backbone = quantize_backbone(network.backbone, inputs)
-        quantize_feed_forwards(network, inputs)
+        # one scene is enough for their ranges (agreement as with three: 99.84 % on the
+        # oracle, 99.74 % on the full-size stand-in) and saves ~0.3 s of the start
+        quantize_feed_forwards(network, inputs[:1])
     if level == "fast":
         store_matrix_weights(network, torch.bfloat16)
     return network
