@@ -44,7 +44,7 @@ IDLE_TRIM_DELAY_S = 10.0
 # network's activations before post-processing, the full-size maps as the task ends
 # (exact's 1080p peak: 0.91 GB so, 0.95 GB without; the memory plan counts on it for
 # large photos). Smaller photos leave it for the next task (at 960x540 exact's peak in
-# the benchmark rose from 0.93 to 0.97 GB, fast's stayed 0.75).
+# the benchmark rose from 0.93 to 0.94-0.97 GB, fast's from 0.70-0.76 to 0.75-0.78).
 EAGER_TRIM_MIN_PIXELS = 1_000_000
 
 
