@@ -65,7 +65,7 @@ def test_oracle_scenes_are_reproducible():
 def test_fast_agrees_with_exact_on_the_oracle(oracle_exact, scenes, exact_maps, bf16, int8, name):
     """Each form `fast` takes, forced (this CPU may lack native bf16 or int8 dot
     products: they then run correctly, slowly): bf16 through the whole network; the
-    backbone in int8 with bf16 heads; the backbone in int8 with fp32 heads."""
+    backbone and the encoder's feed-forwards in int8 with the rest in bf16, or in fp32."""
     backend = select_backend("fast", threads=oracle_exact.backend.threads, bf16=bf16, int8=int8)
     assert (backend.name, backend.int8) == (name, int8)
     fast = HumanParser(optimize(load_network(oracle_exact.source), backend.level, backend.int8),

@@ -290,8 +290,8 @@ def test_queue_full_is_503_with_retry_after(tmp_path):
 
 def test_run_timeout_fails_the_task_and_holds_the_slot(tmp_path):
     # the 24 MP photo decoded at full size (no JPEG draft: with it a Zen 5 core finished
-    # within 1 s) takes ~4 s on a quiet Zen 5 core since huge pages (7 s before: a 4 s
-    # limit let it finish in CI), the small task after it ~0.3 s. The limit sits between:
+    # within 1 s) takes ~4 s on a quiet Zen 5 core since huge pages (~7 s before; CI saw
+    # it finish under the old 4 s limit), the small task after it ~0.12 s. The limit sits between:
     # with other processes on the two cores the tiny model's short parallel regions stall
     # (a 0.2 s inference took 2 s at load 6), so this test wants quiet cores
     s = Server(tmp_path, slots=1, run_timeout_s=2.0, jpeg_draft=False).wait_ready()

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     backend: Literal[BACKENDS] = Field("exact", description=(
         "`exact`: fp32, equal to ModelScope's output, with exact rewrites (folded BN, "
         "channels-last backbone, gathered deformable attention, decoder attention masks "
-        "computed at each level's resolution). `fast`: the backbone in int8 where the CPU "
-        "has int8 dot products (VNNI/AMX-INT8) and the rest (without int8: everything) under "
+        "computed at each level's resolution). `fast`: the backbone and the encoder's "
+        "feed-forwards in int8 where the CPU has int8 dot products (VNNI/AMX-INT8) and the rest (without int8: everything) under "
         "bf16 autocast where it has native bf16 (exact where it has neither). "
         "`onnxruntime`: the network exported to ONNX (once, kept in the cache directory) "
         "and run by ONNX Runtime (`pip install 'm2fp-api[onnx]'`). `openvino`: the same "

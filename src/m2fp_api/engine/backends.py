@@ -70,7 +70,8 @@ def configure_threads(threads: int) -> int:
 
 def select_backend(requested: str, threads: int, bf16: bool | None = None,
                    int8: bool | None = None) -> Backend:
-    """`fast` uses what the CPU runs natively: an int8 backbone with VNNI or AMX-INT8,
+    """`fast` uses what the CPU runs natively: an int8 backbone and encoder feed-forwards
+    with VNNI or AMX-INT8,
     bf16 heads (or everything in bf16 without int8) with AVX512-BF16 or AMX; `bf16` and
     `int8` override the checks. With neither it is the exact path, and says so in its name."""
     if requested == "reference":

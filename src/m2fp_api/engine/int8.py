@@ -102,10 +102,11 @@ def _dense(x: torch.Tensor) -> bool:
     return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
 
 
-def quantize_activation(x: torch.Tensor, q: QParams, levels: int) -> torch.Tensor:
-    """Floats -> uint8 at `q` (a new tensor, in x's layout; x is left as it is: a
-    feed-forward's input is also its residual)."""
-    work = x.to(torch.float32, copy=True)
+def quantize_activation(x: torch.Tensor, q: QParams, levels: int, overwrite: bool = False) -> torch.Tensor:
+    """Floats -> uint8 at `q` (a new tensor, in x's layout). An fp32 x is used as the
+    work space if `overwrite`, else left as it is (a feed-forward's input is also its
+    residual)."""
+    work = x.float() if overwrite else x.to(torch.float32, copy=True)
     return work.div_(q.scale).add_(q.zero_point).round_().clamp_(0, levels).to(torch.uint8)
 
 
@@ -206,7 +207,7 @@ class Int8Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # channels-last, as M2FP.predict hands the backbone its input
-        q = quantize_activation(self.stem(x), self.stem_output, self.levels)
+        q = quantize_activation(self.stem(x), self.stem_output, self.levels, overwrite=True)
         # in the dtype a float backbone's convolutions give under the same autocast, which
         # the heads (and their compiled graphs, made for one dtype) expect; channels-last,
         # as the float backbone gives its maps to the heads
@@ -276,6 +277,8 @@ def quantize_feed_forwards(network: M2FP, inputs: list[torch.Tensor]) -> int:
     input and of linear1's output observed while `network` (as configured) runs `inputs`.
     Returns how many layers."""
     layers = [m for m in network.modules() if isinstance(m, EncoderLayer)]
+    for layer in layers:  # observed through the float layers, whatever ran them before
+        layer.feed_forward = None
     seen = {layer.linear1: (Range(), Range()) for layer in layers}
 
     def record(linear1, args, output):
@@ -294,6 +297,8 @@ def quantize_feed_forwards(network: M2FP, inputs: list[torch.Tensor]) -> int:
     reduce_range = not cpu_supports_int8()
     for layer in layers:
         inp, hidden = seen[layer.linear1]
+        if inp.low > inp.high:  # never observed
+            raise RuntimeError("an encoder layer's feed-forward never ran during calibration")
         layer.feed_forward = QuantizedFeedForward(
             layer.linear1, layer.linear2, inp.qparams(False, reduce_range), hidden.qparams(True, reduce_range),
             activation_levels(reduce_range), layer.ffn_chunk or FFN_CHUNK).eval()

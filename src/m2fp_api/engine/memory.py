@@ -37,8 +37,8 @@ SETTLED_TRIM_THRESHOLD = 2 * SETTLED_MMAP_THRESHOLD
 # Between tasks, freed memory goes back to the OS only once no task has run for this
 # long (jemalloc returns its dirty pages on a 10 s decay for the same reason): pages given
 # back are faulted in again by the next task, 0.4 ms a MB, and on VMs whose host reclaims
-# free guest memory (free page reporting, here) more: trimming after every task cost a
-# fast 960x540 parse ~0.2 s (1.44 vs 1.16 s) when tasks came 3 s apart.
+# free guest memory (free page reporting, here) more: trimming after every task cost the
+# service's fast 960x540 tasks ~0.2 s (1.39 vs 1.19 s to parse) when they came 3 s apart.
 IDLE_TRIM_DELAY_S = 10.0
 # Photos from this size give memory back as soon as a phase is done with it: the
 # network's activations before post-processing, the full-size maps as the task ends
@@ -67,28 +67,58 @@ def release_free_memory() -> None:
         trim(0)
 
 
-_idle_lock = threading.Lock()
-_tasks_running = 0
-_last_task_end = 0.0
+class _IdleTrim:
+    """One daemon thread that gives freed memory back once no task has run for
+    IDLE_TRIM_DELAY_S (a timer per task would leave a sleeping thread behind each)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._due: float | None = None  # when to trim, if no task starts before
+        self._thread: threading.Thread | None = None
+
+    def task_started(self) -> None:
+        with self._cond:
+            self._running += 1
+            self._due = None
+
+    def task_ended(self) -> None:
+        with self._cond:
+            self._running -= 1
+            if self._running:
+                return
+            self._due = time.monotonic() + IDLE_TRIM_DELAY_S
+            if self._thread is None:
+                thread = threading.Thread(target=self._trim_when_due, name="m2fp-idle-trim", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had (out of them, or exiting): trim now
+                    release_free_memory()
+                    return
+                self._thread = thread
+            self._cond.notify()
+
+    def _trim_when_due(self) -> None:
+        while True:
+            with self._cond:
+                while self._due is None or time.monotonic() < self._due:
+                    self._cond.wait(None if self._due is None else self._due - time.monotonic())
+                self._due = None
+            release_free_memory()
+
+
+_idle_trim = _IdleTrim()
 
 
 @contextmanager
 def trimmed_when_idle() -> Iterator[None]:
     """Wrap each task: what its work freed is given back to the OS IDLE_TRIM_DELAY_S
     after the last task ends, unless another starts first (then after that one)."""
-    global _tasks_running, _last_task_end
-    with _idle_lock:
-        _tasks_running += 1
+    _idle_trim.task_started()
     try:
         yield
     finally:
-        with _idle_lock:
-            _tasks_running -= 1
-            _last_task_end = now = time.monotonic()
-            if _tasks_running == 0:
-                timer = threading.Timer(IDLE_TRIM_DELAY_S, _trim_if_idle, args=(now,))
-                timer.daemon = True
-                timer.start()
+        _idle_trim.task_ended()
 
 
 def release_if_large(pixels: int) -> None:
@@ -96,14 +126,6 @@ def release_if_large(pixels: int) -> None:
     more (else the next task reuses it, and trimmed_when_idle gives it back)."""
     if pixels >= EAGER_TRIM_MIN_PIXELS:
         release_free_memory()
-
-
-def _trim_if_idle(ended: float) -> None:
-    with _idle_lock:
-        # a task started or ended since this timer was set: its own timer trims later
-        if _tasks_running or _last_task_end != ended:
-            return
-    release_free_memory()
 
 
 _full_resolution_lock = threading.Lock()

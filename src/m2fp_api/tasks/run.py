@@ -9,7 +9,7 @@ import time
 from typing import Callable
 
 from ..engine import HumanParser
-from ..engine.memory import release_if_large, trimmed_when_idle
+from ..engine.memory import release_free_memory, release_if_large, trimmed_when_idle
 from ..errors import CodedError, M2FPError, OutOfMemory, ShutDown, TaskFailure, TimedOut
 from ..outputs import render_outputs
 from .task import Stage, TaskOptions, TaskOutcome, TaskStatus
@@ -81,7 +81,9 @@ def run_task(parser: HumanParser, store: TaskStore, task_id: str, payload: bytes
             log.exception("task failed unexpectedly", extra={"task_id": task_id})
             fail_task(store, task_id, TaskFailure())
         finally:
-            if decoded is not None:
+            if decoded is None:  # failed or never decoded: nothing the next task reuses
+                release_free_memory()
+            else:
                 release_if_large(decoded.size[0] * decoded.size[1])  # full-size maps
             if on_finished is not None:
                 on_finished(TaskOutcome(status, dict(result.timings_ms) if status is TaskStatus.succeeded else {}))
