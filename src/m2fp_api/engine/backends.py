@@ -71,9 +71,9 @@ def configure_threads(threads: int) -> int:
 def select_backend(requested: str, threads: int, bf16: bool | None = None,
                    int8: bool | None = None) -> Backend:
     """`fast` uses what the CPU runs natively: an int8 backbone and encoder feed-forwards
-    with VNNI or AMX-INT8,
-    bf16 heads (or everything in bf16 without int8) with AVX512-BF16 or AMX; `bf16` and
-    `int8` override the checks. With neither it is the exact path, and says so in its name."""
+    with VNNI or AMX-INT8, the rest in bf16 (everything, without int8) with AVX512-BF16 or
+    AMX; `bf16` and `int8` override the checks. With neither it is the exact path, and
+    says so in its name."""
     if requested == "reference":
         return Backend("torch-fp32-reference", "float32", threads, "reference")
     if requested in ONNX_RUNTIMES:
