@@ -364,7 +364,7 @@ def test_single_human_models_compile_their_one_input_size():
 def test_one_call_sets_the_inference_variant_in_every_module():
     from conftest import configuration
     from m2fp_api.model import M2FP, InferenceVariant, M2FPConfig
-    from m2fp_api.model.deform_attn import MSDeformAttn, gather_and_weight, sample_and_weight
+    from m2fp_api.model.deform_attn import GATHER, GRID_SAMPLE, MSDeformAttn
     from m2fp_api.model.layers import Linear, MultiheadAttention
     from m2fp_api.model.pixel_decoder import EncoderLayer
 
@@ -383,14 +383,14 @@ def test_one_call_sets_the_inference_variant_in_every_module():
 
     network.configure(InferenceVariant(gathered_sampling=False, level_masks=True, channels_last=True,
                                        chunked=False, onednn_linear=True))
-    assert all(m.sample is sample_and_weight and m.query_chunk is None for m in attention)
+    assert all(m.sampler is GRID_SAMPLE and m.query_chunk is None for m in attention)
     assert all(m.onednn for m in linears)
     assert all(m.ffn_chunk is None for m in layers)
     assert network.sem_seg_head.predictor.resize_features_first
     assert conv_weight().is_contiguous(memory_format=torch.channels_last) and not conv_weight().is_contiguous()
 
     network.configure(InferenceVariant())  # a freshly built network's
-    assert all(m.sample is gather_and_weight and m.query_chunk for m in attention)
+    assert all(m.sampler is GATHER and m.query_chunk for m in attention)
     assert all(m.ffn_chunk for m in layers) and not network.sem_seg_head.predictor.resize_features_first
     assert not any(m.onednn for m in linears)
     assert conv_weight().is_contiguous()

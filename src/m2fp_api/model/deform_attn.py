@@ -7,10 +7,16 @@ No compiled extension. Two formulations of the same arithmetic:
 - `gather_and_weight`: the four bilinear corners of every sampling point are computed
   once for all levels, the attention weight is folded into each corner's weight, and
   `embedding_bag` does the weighted gather-sum in one pass without materialising the
-  sampled values. Same result to float rounding, about 2-3x faster on CPU.
+  sampled values, from a table of the values with a zero frame around each level
+  (`gather_table`, built once per layer). Same result to float rounding, about 3x
+  faster on CPU.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,70 +54,99 @@ def sample_and_weight(
     return out.view(batch, heads * dim, queries).transpose(1, 2)
 
 
-def _column_constants(spatial_shapes: list[tuple[int, int]], heads: int, points: int,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each sampling column (head, level, point): its level's width, height and first
-    token, as flat float vectors that broadcast along rows."""
+@dataclass(frozen=True)
+class GatherTable:
+    """`value` as `gather_and_weight` reads it, built once per attention layer: every
+    level's map framed by one zero pixel on each side (a corner off the map reads a zero
+    instead of being masked), as a (batch x row x head, D) table; and, per sampling column
+    (head, level, point), the constants that turn a corner into a table row.
+
+    The table keeps the values' dtype and the gather weights are rounded to it: under
+    bf16 autocast that is bf16, gathered with fp32 sums, ~1 % off fast's 960x540 parse
+    (oracle agreement 99.84 -> 99.94 %, full-size stand-in 99.74 % either way)."""
+
+    table: torch.Tensor  # (batch, rows, heads, D)
+    widths: torch.Tensor  # the level's W, per column
+    heights: torch.Tensor  # the level's H, per column
+    row_step: torch.Tensor  # table rows from one map row to the next: (W + 2) x heads
+    origin: torch.Tensor  # table row of the map's pixel (0, 0) for the column's head
+    corners: torch.Tensor  # (heads, 4, levels x points) int32: the four corners' offsets
+
+
+def gather_table(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], points: int) -> GatherTable:
+    """value: (B, S, heads, D) as `sample_and_weight` takes it."""
+    batch, _, heads, dim = value.shape
     levels = len(spatial_shapes)
-    sizes = torch.tensor(spatial_shapes, dtype=torch.float32, device=device)  # (L, 2) as (H, W)
-    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], device=device).cumsum(0)
+    framed = [(h + 2) * (w + 2) for h, w in spatial_shapes]
+    # zero rows after the last map: a point clamped to its far edge has weight-0 corners
+    # up to a framed row and a pixel beyond its map
+    tail = 2 * max(w for _, w in spatial_shapes) + 4
+    table = value.new_zeros((batch, sum(framed) + tail, heads, dim))
+    start = 0
+    for (h, w), size, level in zip(spatial_shapes, framed,
+                                   value.split([h * w for h, w in spatial_shapes], dim=1)):
+        table[:, start:start + size].view(batch, h + 2, w + 2, heads, dim)[:, 1:-1, 1:-1] = (
+            level.view(batch, h, w, heads, dim))
+        start += size
+
+    device = value.device
+    widths = torch.tensor([w for _, w in spatial_shapes], dtype=torch.float32, device=device)
+    heights = torch.tensor([h for h, _ in spatial_shapes], dtype=torch.float32, device=device)
+    starts = torch.tensor([0] + framed[:-1], dtype=torch.float32, device=device).cumsum(0)
+    steps = (widths + 2) * heads
 
     def per_column(per_level: torch.Tensor) -> torch.Tensor:
-        return per_level.float().view(1, levels, 1).expand(heads, levels, points).reshape(-1)
+        return per_level.view(1, levels, 1).expand(heads, levels, points).reshape(-1)
 
-    return per_column(sizes[:, 1]), per_column(sizes[:, 0]), per_column(starts)
+    head = torch.arange(heads, dtype=torch.float32, device=device)
+    origin = per_column((starts + widths + 3) * heads) + head.repeat_interleave(levels * points)
+    corners = torch.stack([torch.zeros_like(steps), torch.full_like(steps, heads), steps, steps + heads])
+    corners = corners.view(1, 4, levels, 1).expand(heads, 4, levels, points).reshape(heads, 4, -1)
+    return GatherTable(table, per_column(widths), per_column(heights), per_column(steps), origin,
+                       corners.to(torch.int32))
 
 
 def gather_and_weight(
-    value: torch.Tensor,
+    values: GatherTable,
     spatial_shapes: list[tuple[int, int]],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Same contract as `sample_and_weight` (bilinear, zero padding, align_corners=False).
+    """`sample_and_weight` (bilinear, zero padding, align_corners=False) on a
+    `gather_table` of its `value`.
 
     The arithmetic runs on (rows, columns) = (batch x query, head x level x point)
     matrices against per-column constants, so every elementwise step is a contiguous
-    pass; `value` is read in place as a (batch x token x head, D) table.
+    pass.
     """
-    batch, total, heads, dim = value.shape
+    batch, rows_per_batch, heads, dim = values.table.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    widths, heights, starts = _column_constants(spatial_shapes, heads, points, value.device)
-    locations = sampling_locations.reshape(batch * queries, -1, 2)
-    # pixel coordinates as grid_sample computes them without corner alignment
-    x = locations[..., 0] * widths - 0.5
-    y = locations[..., 1] * heights - 0.5
+    rows, per_head = batch * queries, levels * points
+    locations = sampling_locations.reshape(rows, -1, 2)
+    # pixel coordinates as grid_sample computes them without corner alignment, clamped
+    # to [-1, W] x [-1, H]: beyond that every corner is off the map and reads a zero
+    # either way; within it nothing changes
+    x = torch.minimum((locations[..., 0] * values.widths - 0.5).clamp_(min=-1), values.widths)
+    y = torch.minimum((locations[..., 1] * values.heights - 0.5).clamp_(min=-1), values.heights)
     x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    # per-axis weights, zero where that corner falls outside the map (zero padding);
-    # the attention weight is folded into the row weights once
-    weights = attention_weights.reshape(batch * queries, -1)
-    wx0 = (1 - fx) * ((x0 >= 0) & (x0 < widths))
-    wx1 = fx * ((x0 >= -1) & (x0 < widths - 1))
-    wy0 = (1 - fy) * ((y0 >= 0) & (y0 < heights)) * weights
-    wy1 = fy * ((y0 >= -1) & (y0 < heights - 1)) * weights
-    # clamped indices: an outside corner reads a valid row with weight 0
-    last_x, last_y = widths - 1, heights - 1
-    ix0, ix1 = x0.clamp(min=0).minimum(last_x), (x0 + 1).clamp(min=0).minimum(last_x)
-    row0 = y0.clamp(min=0).minimum(last_y) * widths + starts
-    row1 = (y0 + 1).clamp(min=0).minimum(last_y) * widths + starts
-    # corners stacked per head: (rows, head, 4, level x point), so that each bag below,
-    # one per (batch, query, head), is a contiguous run of 4 x levels x points taps
-    per_head = (batch * queries, heads, levels * points)
-    token = torch.stack([t.view(per_head) for t in (row0 + ix0, row0 + ix1, row1 + ix0, row1 + ix1)], 2)
-    # row of the (batch, token, head) table; the batch offset is added in integers
-    # int32 rows (embedding_bag takes them): half the bytes of the largest temporary, a
-    # third off the sampling's time; a batch's table has far fewer than 2**31 rows
-    head = torch.arange(heads, dtype=token.dtype, device=value.device).view(1, heads, 1, 1)
-    index = (token * heads + head).int()
+    fx, fy = (x - x0).view(rows, heads, 1, per_head), (y - y0).view(rows, heads, 1, per_head)
+    # bilinear weights per corner, (y0, x0), (y0, x1), (y1, x0), (y1, x1), the attention
+    # weight folded into the row weights; laid out (rows, head, corner, level x point) so
+    # that each bag below, one per (batch, query, head), is one contiguous run of taps
+    weights = attention_weights.reshape(rows, heads, 1, per_head)
+    wx = torch.cat([1 - fx, fx], 2).view(rows, heads, 1, 2, per_head)
+    wy = torch.cat([(1 - fy) * weights, fy * weights], 2).view(rows, heads, 2, 1, per_head)
+    weight = (wy * wx).view(rows, heads, 4, per_head)
+    # table rows, exact in fp32 (far below 2**24), then int32 (embedding_bag takes them:
+    # half the bytes of int64, the largest temporary here)
+    first = torch.addcmul(values.origin, y0, values.row_step).add_(x0, alpha=heads)
+    index = first.int().view(rows, heads, 1, per_head) + values.corners
     if batch > 1:
-        index += (torch.arange(batch, dtype=torch.int32, device=value.device) * (total * heads)
+        index += (torch.arange(batch, dtype=torch.int32, device=index.device) * (rows_per_batch * heads)
                   ).repeat_interleave(queries).view(-1, 1, 1, 1)
-    weight = torch.stack([w.view(per_head) for w in (wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1)], 2)
-    per_bag = levels * points * 4
-    # the bilinear weights stay fp32 (a bf16 value table is widened, a few MB)
-    bags = F.embedding_bag(index.view(-1, per_bag), value.reshape(-1, dim).float(), mode="sum",
-                           per_sample_weights=weight.view(-1, per_bag))
+    per_bag = 4 * per_head
+    bags = F.embedding_bag(index.view(-1, per_bag), values.table.view(-1, dim), mode="sum",
+                           per_sample_weights=weight.view(-1, per_bag).to(values.table.dtype))
     return bags.view(batch, queries, heads * dim)
 
 
@@ -121,6 +156,24 @@ def softmax_short(x: torch.Tensor) -> torch.Tensor:
     0.7 ms for 4096 queries x 8 heads). Equal to rounding (2e-7)."""
     exp = (x - x.amax(-1, keepdim=True)).exp()  # not in place: training differentiates it
     return exp / exp.sum(-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A formulation of the sampling: `prepare(value, spatial_shapes, points)` turns a
+    layer's projected values into what `sample` reads, once per layer; `sample` (same
+    contract as `sample_and_weight` otherwise) runs once per chunk of queries."""
+
+    prepare: Callable[[torch.Tensor, list[tuple[int, int]], int], Any]
+    sample: Callable[[Any, list[tuple[int, int]], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _values_as_they_are(value: torch.Tensor, spatial_shapes, points) -> torch.Tensor:
+    return value
+
+
+GRID_SAMPLE = Sampler(_values_as_they_are, sample_and_weight)
+GATHER = Sampler(gather_table, gather_and_weight)
 
 
 # queries sampled at once: bounds the gather's index and weight temporaries (48 taps per
@@ -133,7 +186,7 @@ class MSDeformAttn(nn.Module):
         super().__init__()
         # the sampling kernel and the queries sampled at once (None: all), as the network's
         # inference variant says (M2FP.configure)
-        self.sample = gather_and_weight
+        self.sampler = GATHER
         self.query_chunk: int | None = QUERY_CHUNK
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
@@ -153,6 +206,8 @@ class MSDeformAttn(nn.Module):
         """query (B, Q, C); reference_points (B, Q, levels, 2); input_flatten (B, S, C)."""
         heads = self.n_heads
         value = self.value_proj(input_flatten).view(input_flatten.shape[0], -1, heads, self.d_model // heads)
+        values = self.sampler.prepare(value, spatial_shapes, self.n_points)
+        del value
         # per output column of `sampling_offsets` (head, level, point, x|y): the level's
         # size, offsets being in its pixels, and which reference coordinate it moves
         levels, points = self.n_levels, self.n_points
@@ -164,16 +219,16 @@ class MSDeformAttn(nn.Module):
         coordinate = torch.arange(levels * 2, device=query.device).view(1, levels, 1, 2)
         coordinate = coordinate.expand(heads, levels, points, 2).reshape(-1)
         if self.query_chunk is None:
-            return self.output_proj(self._sample_chunk(query, reference_points, value, spatial_shapes,
+            return self.output_proj(self._sample_chunk(query, reference_points, values, spatial_shapes,
                                                        normalizer, coordinate))
         sampled = [
-            self._sample_chunk(q, r, value, spatial_shapes, normalizer, coordinate)
+            self._sample_chunk(q, r, values, spatial_shapes, normalizer, coordinate)
             for q, r in zip(query.split(self.query_chunk, dim=1),
                             reference_points.split(self.query_chunk, dim=1))
         ]
         return self.output_proj(torch.cat(sampled, dim=1) if len(sampled) > 1 else sampled[0])
 
-    def _sample_chunk(self, query, reference_points, value, spatial_shapes, normalizer, coordinate):
+    def _sample_chunk(self, query, reference_points, values, spatial_shapes, normalizer, coordinate):
         batch, queries, _ = query.shape
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
         # fp32 even under bf16 autocast: a location off by bf16's 3 significant digits
@@ -187,4 +242,4 @@ class MSDeformAttn(nn.Module):
         # reference points lack.
         refs = reference_points.flatten(2).index_select(2, coordinate)
         locations = offsets.div_(normalizer).add_(refs).view(batch, queries, heads, levels, points, 2)
-        return self.sample(value, spatial_shapes, locations, weights)
+        return self.sampler.sample(values, spatial_shapes, locations, weights)

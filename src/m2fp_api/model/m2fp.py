@@ -15,7 +15,7 @@ from torch import nn
 
 from .backbone import DeepLabResNet
 from .config import M2FPConfig
-from .deform_attn import QUERY_CHUNK, MSDeformAttn, gather_and_weight, sample_and_weight
+from .deform_attn import GATHER, GRID_SAMPLE, QUERY_CHUNK, MSDeformAttn
 from .layers import GROUP_NORM_CHUNK, GroupNorm, Linear, MultiheadAttention
 from .pixel_decoder import FFN_CHUNK, EncoderLayer, MSDeformAttnPixelDecoder
 from .transformer_decoder import MaskedTransformerDecoder
@@ -107,10 +107,10 @@ class M2FP(nn.Module):
 
     def configure(self, variant: InferenceVariant) -> None:
         """Compute as `variant` says from now on, in every module it concerns."""
-        sampler = gather_and_weight if variant.gathered_sampling else sample_and_weight
+        sampler = GATHER if variant.gathered_sampling else GRID_SAMPLE
         for module in self.modules():
             if isinstance(module, MSDeformAttn):
-                module.sample = sampler
+                module.sampler = sampler
                 module.query_chunk = QUERY_CHUNK if variant.chunked else None
             elif isinstance(module, EncoderLayer):
                 module.ffn_chunk = FFN_CHUNK if variant.chunked else None
