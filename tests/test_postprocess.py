@@ -5,12 +5,16 @@ whatever the budget (one query per chunk, or all at once)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from m2fp_api.engine.postprocess import MIN_OUTPUT_SCORE, TOP_K, _support, _upsample, parse_multiple
+from m2fp_api.engine.postprocess import (
+    MIN_OUTPUT_SCORE, TOP_K, _axis_resize, _support, _upsample, parse_multiple,
+)
 from m2fp_api.engine.preprocess import NetworkInput
 from m2fp_api.engine.stand_in import bundled_configuration
 from m2fp_api.model import M2FPConfig, NetworkOutput
@@ -112,3 +116,40 @@ def test_support_window_holds_every_positive_pixel(seed):
         assert full[q].sum() == full[q, y0:y1, x0:x1].sum(), (q, window)
         # and it is a window, not the photo: these blobs cover a small share of it
         assert (y1 - y0) * (x1 - x0) < 0.5 * photo[0] * photo[1]
+
+
+@pytest.mark.parametrize("photo, crop", [((450, 600), None), ((97, 131), None), ((300, 280), (3, 5, 290, 220))])
+def test_composed_axis_resizes_are_the_two_resizes(photo, crop):
+    """`fast` resizes with one matrix per axis: the two resizes, composed. In fp32 they
+    must give ModelScope's two resizes to float rounding (photo larger and smaller
+    than the input, and with a crop)."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randn(3, 60, 80, generator=g) * 5
+    padded, (ih, iw) = (240, 320), (232, 310)
+    inp = NetworkInput(tensor=torch.zeros(3, ih, iw), output_size=photo, crop_box=crop)
+    x0, y0, x1, y1 = crop or (0, 0, iw, ih)
+    rows = _axis_resize(60, padded[0], (y0, y1), photo[0])
+    cols = _axis_resize(80, padded[1], (x0, x1), photo[1])
+    torch.testing.assert_close(rows @ masks @ cols.T, _upsample(masks, padded, inp), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_products_agree_with_m2fp_instance_inference(seed):
+    """`fast`'s post-processing (bf16 products on each query's window) against the plain
+    transcription: the same parts, their scores and masks to bf16's precision."""
+    out, inp = synthetic_output(seed)
+    # as fast's network gives them: bf16 numbers (in fp32)
+    out = replace(out, pred_masks=out.pred_masks.bfloat16().float())
+    expected_map, expected_parts = reference_parse(out, inp)
+    with torch.inference_mode():
+        result = parse_multiple(out, inp, CFG, chunk_bytes=64 * 2**10, bf16=True)  # windows in row blocks
+    # half the synthetic queries have class scores within 1e-3 of 1 and overlap: the
+    # semantic map's near-ties there flip with any rounding (on the oracle's trained
+    # weights fast's maps agreed to 3 decimals either way)
+    assert (result.class_map != expected_map).mean() < 5e-3
+    expected = sorted((label, s, m) for (_, label), (s, m) in expected_parts.items())
+    got = sorted((p.label_id, p.score, p.mask.full(*inp.output_size)) for p in result.parts)
+    assert [label for label, _, _ in got] == [label for label, _, _ in expected]
+    for (_, score, mask), (_, expected_score, expected_mask) in zip(got, expected):
+        assert score == pytest.approx(expected_score, abs=2e-3)
+        assert (mask != expected_mask).sum() <= 1e-3 * expected_mask.sum()

@@ -28,6 +28,11 @@ class Backend:
     level: str  # the network optimisation level (engine.optimize)
     int8: bool = False  # the backbone and the encoder's feed-forwards in int8 (engine.int8)
 
+    @property
+    def bf16(self) -> bool:
+        """The network runs under bf16 autocast (and post-processing resizes in bf16)."""
+        return self.level == "fast"
+
 
 def _cpuinfo() -> str:
     try:

@@ -146,8 +146,10 @@ class HumanParser:
         release_if_large(pixels)  # the network's freed activations, before the full-size maps
         stage("postprocessing")
         with torch.inference_mode(), full_resolution_heap(pixels):
-            post = parse_single if self.config.single_human else parse_multiple
-            result = post(out, inp, self.config, self.chunk_bytes)
+            if self.config.single_human:
+                result = parse_single(out, inp, self.config, self.chunk_bytes)
+            else:
+                result = parse_multiple(out, inp, self.config, self.chunk_bytes, bf16=self.backend.bf16)
         stage(None)
         result.timings_ms = timings
         return result

@@ -9,6 +9,7 @@ their bounding boxes. The arithmetic per pixel is the same as the reference's.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -111,13 +112,80 @@ class _Entry:
     score: float = 0.0  # class score x mask score, once the mask is known
 
 
-def _chunks(queries: list[int], mask_logits: torch.Tensor, padded: tuple[int, int],
-            inp: NetworkInput, chunk_bytes: int):
-    """Yield (queries, (n, H, W) full-resolution logits), a budget-sized chunk at a time."""
-    step = _chunk_size(inp.output_size, chunk_bytes)
-    for start in range(0, len(queries), step):
-        chunk = queries[start:start + step]
-        yield chunk, _upsample(mask_logits[chunk], padded, inp)
+class _TwoResizes:
+    """Full-resolution logits of queries within their windows: ModelScope's two resizes
+    of whole maps, a budget-sized chunk of queries at a time."""
+
+    def __init__(self, mask_logits: torch.Tensor, padded: tuple[int, int], inp: NetworkInput,
+                 windows: list, chunk_bytes: int) -> None:
+        self.mask_logits, self.padded, self.inp = mask_logits, padded, inp
+        self.windows, self.chunk_bytes = windows, chunk_bytes
+
+    def __call__(self, queries: list[int]) -> Iterator[tuple[int, torch.Tensor | None]]:
+        """Yield (query, its fp32 logits within its window, or None if it has none)."""
+        step = _chunk_size(self.inp.output_size, self.chunk_bytes)
+        for start in range(0, len(queries), step):
+            chunk = queries[start:start + step]
+            full = _upsample(self.mask_logits[chunk], self.padded, self.inp)
+            for j, q in enumerate(chunk):
+                window = self.windows[q]
+                yield q, None if window is None else full[j, window[0]:window[1], window[2]:window[3]]
+            del full
+
+
+def _axis_resize(low: int, padded: int, kept: tuple[int, int], photo: int) -> torch.Tensor:
+    """The two bilinear resizes along one axis (low -> padded, keep [kept), -> photo) as
+    one (photo, low) matrix: the resizes themselves applied to the identity."""
+    identity = torch.eye(low)[None, :, :, None]
+    m = F.interpolate(identity, size=(padded, 1), mode="bilinear", align_corners=False)
+    m = F.interpolate(m[:, :, kept[0]:kept[1]], size=(photo, 1), mode="bilinear", align_corners=False)
+    return m[0, :, :, 0].T.contiguous()
+
+
+def _band(resize: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per output row of an axis matrix, the first and one past the last input it reads."""
+    columns = torch.arange(resize.shape[1])
+    reads = resize != 0
+    first = torch.where(reads, columns, resize.shape[1]).amin(1)
+    return first.tolist(), torch.where(reads, columns + 1, 0).amax(1).tolist()
+
+
+class _Bf16Products(_TwoResizes):
+    """The same, with each axis's two resizes composed into one matrix and applied to each
+    query's window only, as two bf16 matrix products (for `fast`, whose network made
+    these logits in bf16: they lose nothing in the cast; the products round to bf16's
+    precision, ~0.4 %). Only the window's input rows and columns are read; a window is
+    made `chunk_bytes` of fp32 rows at a time."""
+
+    def __init__(self, mask_logits: torch.Tensor, padded: tuple[int, int], inp: NetworkInput,
+                 windows: list, chunk_bytes: int) -> None:
+        super().__init__(mask_logits, padded, inp, windows, chunk_bytes)
+        ih, iw = inp.input_size
+        y_kept, x_kept = (0, ih), (0, iw)
+        if inp.crop_box is not None:
+            x0, y0, x1, y1 = inp.crop_box
+            y_kept, x_kept = (y0, y1), (x0, x1)
+        h, w = mask_logits.shape[-2:]
+        rows = _axis_resize(h, padded[0], y_kept, inp.output_size[0])
+        cols = _axis_resize(w, padded[1], x_kept, inp.output_size[1])
+        self.row_band, self.col_band = _band(rows), _band(cols)
+        self.rows, self.cols, self.logits = rows.bfloat16(), cols.bfloat16(), mask_logits.bfloat16()
+
+    def __call__(self, queries: list[int]) -> Iterator[tuple[int, torch.Tensor | None]]:
+        (row_first, row_stop), (col_first, col_stop) = self.row_band, self.col_band
+        for q in queries:
+            window = self.windows[q]
+            if window is None:
+                yield q, None
+                continue
+            y0, y1, x0, x1 = window
+            a, b, c, d = row_first[y0], row_stop[y1 - 1], col_first[x0], col_stop[x1 - 1]
+            across = self.logits[q, a:b, c:d] @ self.cols[x0:x1, c:d].T  # (b - a, window width)
+            out = torch.empty((y1 - y0, x1 - x0))
+            step = max(1, self.chunk_bytes // (4 * (x1 - x0)))
+            for r in range(y0, y1, step):
+                out[r - y0:r - y0 + step] = self.rows[r:min(y1, r + step), a:b] @ across
+            yield q, out
 
 
 class _ClassCanvas:
@@ -130,10 +198,11 @@ class _ClassCanvas:
         self.times = torch.zeros(size, dtype=torch.uint8)  # at most 100 instances
         self.box: tuple[int, int, int, int] | None = None  # union of the instances' boxes
 
-    def add(self, sigmoid: torch.Tensor, mask: Mask, score: float) -> None:
-        """sigmoid: the instance's (H, W) mask probabilities at full resolution."""
+    def add(self, sigmoid: torch.Tensor, origin: tuple[int, int], mask: Mask, score: float) -> None:
+        """sigmoid: the instance's mask probabilities within a window of the photo whose
+        top-left corner is `origin` (which holds the mask's box)."""
         ys, xs = slice(mask.y0, mask.y0 + mask.height), slice(mask.x0, mask.x0 + mask.width)
-        ins = sigmoid[ys, xs] * score
+        ins = sigmoid[mask.y0 - origin[0]:ys.stop - origin[0], mask.x0 - origin[1]:xs.stop - origin[1]] * score
         hit = ins > 0.5
         self.probs[ys, xs] += ins.masked_fill_(~hit, 0.0)
         self.times[ys, xs] += hit
@@ -159,13 +228,15 @@ class _ClassCanvas:
 
 
 def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ParseResult:
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, bf16: bool = False) -> ParseResult:
     """Instance parsing: part and person instances, and M2FP's semantic map.
 
     One pass, class by class: the queries of a class that may be pasted into the
     semantic map are upsampled once, scored (mask score, box, bit mask) and pasted
     while their full-resolution probabilities are at hand; the remaining queries are
     then only scored. A query proposed for several classes is upsampled once per class.
+    `bf16`: upsample with `_Bf16Products` (the `fast` backend's), else with
+    ModelScope's arithmetic (`_TwoResizes`).
     """
     logits, mask_logits = out.pred_logits[0].float(), out.pred_masks[0].float()
     num_classes = logits.shape[-1] - 1
@@ -191,34 +262,33 @@ def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
     scored: set[int] = set()
     windows = _support(mask_logits, out.padded_size, inp)
 
+    resize = (_Bf16Products if bf16 else _TwoResizes)(mask_logits, out.padded_size, inp, windows, chunk_bytes)
+
     def upsample_and_score(queries: list[int]):
-        """Yield (query, its (H, W) map, sigmoid within the query's window) after scoring
-        every query once; the thresholding and sigmoid touch the window only."""
-        for chunk, full in _chunks(queries, mask_logits, out.padded_size, inp, chunk_bytes):
-            for j, q in enumerate(chunk):
-                window = windows[q]
-                if window is not None:
-                    y0, y1, x0, x1 = window
-                    logits = full[j, y0:y1, x0:x1]
-                    positive = logits > 0
-                    logits.sigmoid_()
-                if q not in scored:
-                    scored.add(q)
-                    if window is None:
-                        _score_empty(by_query[q])
-                    else:
-                        _score_query(q, logits, positive, (y0, x0), by_query[q], masks)
-                yield q, full[j]
-            del full
+        """Yield (query, its sigmoid within its window, the window's top-left corner) after
+        scoring every query once; nothing outside the window is computed or touched."""
+        for q, logits in resize(queries):
+            if logits is not None:
+                y0, _, x0, _ = windows[q]
+                positive = logits > 0
+                logits.sigmoid_()
+            if q not in scored:
+                scored.add(q)
+                if logits is None:
+                    _score_empty(by_query[q])
+                else:
+                    _score_query(q, logits, positive, (y0, x0), by_query[q], masks)
+            if logits is not None:
+                yield q, logits, (y0, x0)
 
     class_map = torch.zeros(inp.output_size, dtype=torch.uint8)
     best = torch.zeros(inp.output_size, dtype=torch.float32)
     canvas = _ClassCanvas(inp.output_size)
     for cls in sorted(paste):
-        for q, probs in upsample_and_score(sorted(paste[cls])):
+        for q, probs, origin in upsample_and_score(sorted(paste[cls])):
             e = paste[cls][q]
             if q in masks and e.score >= cfg.parsing_ins_score_thr:
-                canvas.add(probs, masks[q], e.score)
+                canvas.add(probs, origin, masks[q], e.score)
         canvas.fold_into(cls, best, class_map)
     del canvas
     for _ in upsample_and_score(sorted(set(by_query) - scored)):
