@@ -78,3 +78,20 @@ def test_group_norm_in_place_overwrites_only_outside_autograd():
     kept = x.clone(memory_format=torch.channels_last)
     trained = in_place(kept)  # gradients enabled: the input stays as it was
     assert torch.equal(kept, x) and torch.equal(trained.detach(), expected)
+
+
+def test_position_embeddings_are_shared_at_inference_only():
+    """The pixel decoder and the decoder read the same embeddings per map size: at
+    inference one tensor serves them (equal to a fresh one); with autograd on (the
+    stand-in trainer) each call gets its own."""
+    from m2fp_api.model.layers import _sine_embedding, sine_position_embedding
+
+    fresh = _sine_embedding(1, 7, 9, 16, "cpu", 10000.0)
+    with torch.inference_mode():
+        first = sine_position_embedding(1, 7, 9, 16, device=torch.device("cpu"))
+        again = sine_position_embedding(1, 7, 9, 16, device="cpu")
+        other = sine_position_embedding(1, 9, 7, 16, device="cpu")
+    assert again is first and torch.equal(first, fresh)
+    assert other.shape == (1, 32, 9, 7)
+    training = sine_position_embedding(1, 7, 9, 16, device="cpu")
+    assert training is not first and not training.is_inference() and torch.equal(training, fresh)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
@@ -223,7 +224,26 @@ def sine_position_embedding(
     Written to produce the same float32 values as the reference (cumsum of ones, then
     normalised by the last value + 1e-6 and scaled by 2*pi), since the decoder's outputs
     are compared against ModelScope's to 1e-3.
+
+    At inference the result is shared by every caller asking for the same map size (see
+    `_shared_sine_embedding`): read it, never write into it.
     """
+    if torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+        return _shared_sine_embedding(batch, height, width, num_feats, torch.device(device), temperature)
+    return _sine_embedding(batch, height, width, num_feats, device, temperature)
+
+
+# The embeddings of the last two input sizes' three levels: they depend on the map size
+# alone, the pixel decoder and the decoder ask for the same three per parse, and the
+# 1/8-scale one takes ~9 ms (~20 ms a 960x540 parse in all) for 12 MB kept.
+@lru_cache(maxsize=6)
+def _shared_sine_embedding(batch: int, height: int, width: int, num_feats: int, device: torch.device,
+                           temperature: float) -> torch.Tensor:
+    return _sine_embedding(batch, height, width, num_feats, device, temperature)
+
+
+def _sine_embedding(batch: int, height: int, width: int, num_feats: int, device,
+                    temperature: float) -> torch.Tensor:
     ones = torch.ones((batch, height, width), dtype=torch.float32, device=device)
     y_embed = ones.cumsum(1, dtype=torch.float32)
     x_embed = ones.cumsum(2, dtype=torch.float32)
