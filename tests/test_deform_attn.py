@@ -69,3 +69,21 @@ def test_short_softmax_equals_torchs():
     # attention logits of every scale, up to ones that would overflow exp unshifted
     x = torch.randn(64, 8, 12, generator=g) * torch.tensor([1.0, 30.0, 1e3, 1e4]).repeat(16).view(64, 1, 1)
     torch.testing.assert_close(softmax_short(x), x.softmax(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_gathered_sampling_compiles_whole():
+    """Compiled heads trace the sampler in inference mode: one graph, no breaks (an out=
+    into a strided slice made the compiler skip the whole frame)."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(0)
+    heads, dim, queries, points = 4, 8, 20, 3
+    total = sum(h * w for h, w in SHAPES)
+    value = torch.randn(1, total, heads, dim, generator=g)
+    locations = torch.rand(1, queries, heads, len(SHAPES), points, 2, generator=g)
+    weights = torch.rand(1, queries, heads, len(SHAPES), points, generator=g)
+    with torch.inference_mode():
+        values = gather_table(value, SHAPES, points)
+        explained = torch._dynamo.explain(gather_and_weight)(values, SHAPES, locations, weights)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1

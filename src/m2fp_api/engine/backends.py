@@ -30,7 +30,8 @@ class Backend:
 
     @property
     def bf16(self) -> bool:
-        """The network runs under bf16 autocast (and post-processing resizes in bf16)."""
+        """The network runs under bf16 autocast (and multiple-human post-processing
+        resizes masks with bf16 products)."""
         return self.level == "fast"
 
 

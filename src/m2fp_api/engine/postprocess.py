@@ -154,8 +154,8 @@ class _Bf16Products(_TwoResizes):
     """The same, with each axis's two resizes composed into one matrix and applied to each
     query's window only, as two bf16 matrix products (for `fast`, whose network made
     these logits in bf16: they lose nothing in the cast; the products round to bf16's
-    precision, ~0.4 %). Only the window's input rows and columns are read; a window is
-    made `chunk_bytes` of fp32 rows at a time."""
+    precision, ~0.4 %). Only the window's input rows and columns are read; the fp32
+    window is filled from bf16 products of at most `chunk_bytes` of its rows at a time."""
 
     def __init__(self, mask_logits: torch.Tensor, padded: tuple[int, int], inp: NetworkInput,
                  windows: list, chunk_bytes: int) -> None:
@@ -266,7 +266,8 @@ def parse_multiple(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
 
     def upsample_and_score(queries: list[int]):
         """Yield (query, its sigmoid within its window, the window's top-left corner) after
-        scoring every query once; nothing outside the window is computed or touched."""
+        scoring every query once; nothing outside the window is touched (and, with
+        `_Bf16Products`, computed)."""
         for q, logits in resize(queries):
             if logits is not None:
                 y0, _, x0, _ = windows[q]

@@ -233,9 +233,10 @@ def sine_position_embedding(
     return _sine_embedding(batch, height, width, num_feats, device, temperature)
 
 
-# The embeddings of the last two input sizes' three levels: they depend on the map size
-# alone, the pixel decoder and the decoder ask for the same three per parse, and the
-# 1/8-scale one takes ~9 ms (~20 ms a 960x540 parse in all) for 12 MB kept.
+# The embeddings of the last two input sizes' three levels (whichever model asked): they
+# depend on the map size alone, the pixel decoder and the decoder ask for the same three
+# per parse, and the 1/8-scale one takes ~9 ms (~20 ms a 960x540 parse in all), for
+# 15 MB kept per input size at 1152x640, 18 MB at the largest (1344x640).
 @lru_cache(maxsize=6)
 def _shared_sine_embedding(batch: int, height: int, width: int, num_feats: int, device: torch.device,
                            temperature: float) -> torch.Tensor:

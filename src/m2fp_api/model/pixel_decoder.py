@@ -149,18 +149,20 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for idx in reversed(range(self.num_fpn_levels)):
             lateral = getattr(self, f"adapter_{idx + 1}")(features.pop(self.fpn_features[idx]))
             coarse = outs[-1]
-            if coarse.dtype == lateral.dtype:
+            if lateral.dtype == torch.float32:
                 # from a contiguous map: bilinear upsampling of the encoder's strided view
                 # (or of a channels-last fp32 map) is several times slower on CPU than of
                 # NCHW; added into a channels-last lateral as it is (cheaper than
                 # converting either)
                 coarse = coarse.contiguous()
             else:
-                # a bf16 lateral (autocast): the fp32 encoder map cast to its dtype and
-                # layout first, for channels-last bf16 resizing is fast on CPU and the sum
-                # then reads one layout (at 1152x640: 21 against 110 ms resizing in fp32
-                # and adding across layouts)
-                coarse = coarse.to(lateral.dtype, memory_format=torch.channels_last)
+                # a bf16 lateral (autocast): the encoder map cast to its dtype and layout
+                # first, for channels-last bf16 resizing is fast on CPU and the sum then
+                # reads one layout (at 1152x640: 21 against 110 ms resizing in fp32 and
+                # adding across layouts)
+                layout = (torch.channels_last if lateral.is_contiguous(memory_format=torch.channels_last)
+                          else torch.contiguous_format)
+                coarse = coarse.to(lateral.dtype, memory_format=layout)
             lateral += resize_bilinear(coarse, lateral.shape[-2:])
             outs.append(getattr(self, f"layer_{idx + 1}")(lateral))
             del lateral
