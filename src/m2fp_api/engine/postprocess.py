@@ -4,7 +4,9 @@ ModelScope upsamples all 100 query masks to the photo's full resolution at once 
 keeps float64 copies), which is what pushes its pipeline past 6 GB at 1080p. Here
 queries are upsampled a few at a time within a byte budget, only queries that can
 still reach an output threshold are upsampled at all, and masks are kept cropped to
-their bounding boxes. The arithmetic per pixel is the same as the reference's.
+their bounding boxes. The arithmetic per pixel is the same as the reference's, except
+under `fast`, whose resizing runs as bf16 matrix products on each query's window
+(`_Bf16Products`).
 """
 
 from __future__ import annotations
