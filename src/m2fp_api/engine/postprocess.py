@@ -29,17 +29,23 @@ MIN_OUTPUT_SCORE = 0.1
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 
 
+def _photo_region(inp: NetworkInput) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the part of the (padded) network input that the photo became,
+    the whole input or the single-human crop box within it."""
+    ih, iw = inp.input_size
+    if inp.crop_box is None:
+        return 0, ih, 0, iw
+    x0, y0, x1, y1 = inp.crop_box
+    return y0, min(y1, ih), x0, min(x1, iw)
+
+
 def _upsample(mask_logits: torch.Tensor, padded: tuple[int, int], inp: NetworkInput) -> torch.Tensor:
     """(n, h/4, w/4) mask logits -> (n, H, W) at the photo's size, as the reference does:
     to the padded input size, crop the padding (and the single-human crop box), then to
     the photo size, bilinear without corner alignment both times."""
     m = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=False)[0]
-    ih, iw = inp.input_size
-    m = m[:, :ih, :iw]
-    if inp.crop_box is not None:
-        x0, y0, x1, y1 = inp.crop_box
-        m = m[:, y0:y1, x0:x1]
-    return F.interpolate(m[None], size=inp.output_size, mode="bilinear", align_corners=False)[0]
+    y0, y1, x0, x1 = _photo_region(inp)
+    return F.interpolate(m[None, :, y0:y1, x0:x1], size=inp.output_size, mode="bilinear", align_corners=False)[0]
 
 
 def _reach(first: int, last: int, in_size: int, out_size: int) -> tuple[int, int]:
@@ -63,10 +69,8 @@ def _support(mask_logits: torch.Tensor, padded: tuple[int, int],
     positive = (mask_logits > 0).view(torch.uint8)
     any_rows, any_cols = positive.amax(2), positive.amax(1)
     h, w = mask_logits.shape[-2:]
-    ih, iw = inp.input_size
-    cy, cx = (0, 0) if inp.crop_box is None else (inp.crop_box[1], inp.crop_box[0])
-    mid_h, mid_w = (ih, iw) if inp.crop_box is None else (
-        inp.crop_box[3] - inp.crop_box[1], inp.crop_box[2] - inp.crop_box[0])
+    cy, y_end, cx, x_end = _photo_region(inp)
+    mid_h, mid_w = y_end - cy, x_end - cx
     out_h, out_w = inp.output_size
     windows: list[tuple[int, int, int, int] | None] = []
     for rows, cols in zip(any_rows, any_cols):
@@ -162,14 +166,10 @@ class _Bf16Products(_TwoResizes):
     def __init__(self, mask_logits: torch.Tensor, padded: tuple[int, int], inp: NetworkInput,
                  windows: list, chunk_bytes: int) -> None:
         super().__init__(mask_logits, padded, inp, windows, chunk_bytes)
-        ih, iw = inp.input_size
-        y_kept, x_kept = (0, ih), (0, iw)
-        if inp.crop_box is not None:
-            x0, y0, x1, y1 = inp.crop_box
-            y_kept, x_kept = (y0, y1), (x0, x1)
+        y0, y1, x0, x1 = _photo_region(inp)
         h, w = mask_logits.shape[-2:]
-        rows = _axis_resize(h, padded[0], y_kept, inp.output_size[0])
-        cols = _axis_resize(w, padded[1], x_kept, inp.output_size[1])
+        rows = _axis_resize(h, padded[0], (y0, y1), inp.output_size[0])
+        cols = _axis_resize(w, padded[1], (x0, x1), inp.output_size[1])
         self.row_band, self.col_band = _band(rows), _band(cols)
         self.rows, self.cols, self.logits = rows.bfloat16(), cols.bfloat16(), mask_logits.bfloat16()
 
@@ -359,9 +359,8 @@ def parse_single(out: NetworkOutput, inp: NetworkInput, cfg: M2FPConfig,
     m = F.interpolate(mask_logits[None], size=out.padded_size, mode="bilinear",
                       align_corners=False)[0].sigmoid()
     semantic = torch.einsum("qc,qhw->chw", probs, m)
-    ih, iw = inp.input_size
-    x0, y0, x1, y1 = inp.crop_box
-    semantic = semantic[:, :ih, :iw][:, y0:y1, x0:x1]
+    y0, y1, x0, x1 = _photo_region(inp)
+    semantic = semantic[:, y0:y1, x0:x1]
     height, width = inp.output_size
     num_classes = semantic.shape[0]
 
