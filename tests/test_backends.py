@@ -17,9 +17,10 @@ from m2fp_api import HumanParser, oracle
 from m2fp_api.engine.backends import ONNX_RUNTIMES, select_backend
 from m2fp_api.engine.checkpoint import load_network
 from m2fp_api.engine.compiled import CompiledHeads, input_sizes, multiple_human_sizes
-from m2fp_api.engine.int8 import (Int8Backbone, QuantizedFeedForward, calibration_inputs, quantize_backbone,
-                                  quantize_feed_forwards)
+from m2fp_api.engine.int8 import (CALIBRATION_SIZE, PACKING_INPUT_SIZE, Int8Backbone, QuantizedFeedForward,
+                                  calibration_inputs, observe_ranges, quantize_backbone, quantize_feed_forwards)
 from m2fp_api.engine.optimize import optimize
+from m2fp_api.model.layers import ConvNorm
 
 ORACLE = FIXTURES / "oracle"
 HELD_OUT = 6
@@ -91,6 +92,27 @@ def test_int8_backbone_tracks_the_float_one(oracle_exact, scenes):
         assert got[name].dtype == torch.float32 and got[name].shape == expected[name].shape
         error = (got[name] - expected[name]).norm() / expected[name].norm()
         assert error < 0.1, (name, float(error))
+
+
+def test_int8_weights_are_laid_out_for_a_photo_sized_input(oracle_exact):
+    """Calibrated on small scenes, each int8 convolution is packed for the input it gets
+    from a PACKING_INPUT_SIZE network input (oneDNN lays weights out by input size: packed
+    for the calibration size, res5's shortcut was reordered at every photo's call)."""
+    network = optimize(load_network(oracle_exact.source), "exact")
+    ranges = observe_ranges(network.backbone, calibration_inputs(network.prepare))
+    width, height = PACKING_INPUT_SIZE
+    seen = {}
+    convs = [m for m in network.backbone.modules() if isinstance(m, ConvNorm)]
+    hooks = [c.register_forward_hook(lambda c, args, out: seen.__setitem__(c, list(args[0].shape)))
+             for c in convs]
+    with torch.inference_mode():
+        network.backbone(torch.zeros(1, 3, height, width).contiguous(memory_format=torch.channels_last))
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(convs) > 10
+    assert all(ranges[c].packing_shape == seen[c] for c in convs), [
+        (ranges[c].packing_shape, seen[c]) for c in convs if ranges[c].packing_shape != seen[c]]
+    assert CALIBRATION_SIZE != PACKING_INPUT_SIZE
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])

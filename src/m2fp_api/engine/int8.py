@@ -50,6 +50,13 @@ from .backends import cpu_supports_int8
 # backbone (ranges barely depend on it: the oracle's agreement is the check)
 CALIBRATION_SEEDS = (9001, 9002, 9003)
 CALIBRATION_SIZE = (384, 288)  # width, height
+# the network input the int8 weights are laid out for: the smallest a photo becomes (its
+# short side scaled to 640). oneDNN picks a convolution's weight layout by the size of its
+# input; every photo size measured (300x200 to 1920x1080, either orientation) wants the
+# layouts this size gets, where the calibration scenes' own size left res5's 2048x1024
+# shortcut in one that each photo's call reordered, with a slow generic reorder (42 ms of
+# a 960x540 parse on a Zen 5)
+PACKING_INPUT_SIZE = (640, 640)  # width, height
 
 
 # share of an activation's values left outside its range at each end: the rare extremes
@@ -71,11 +78,12 @@ class QParams:
 @dataclass
 class Range:
     """The span of the values seen at one point of the network, but for the `CLIPPED`
-    share at each end, and the shape of the last input it was seen for."""
+    share at each end, and the shape of the input it gets from a PACKING_INPUT_SIZE
+    network input."""
 
     low: float = float("inf")
     high: float = float("-inf")
-    input_shape: list[int] | None = None
+    packing_shape: list[int] | None = None
 
     def observe(self, x: torch.Tensor) -> None:
         # in memory order, as a view: flattening a channels-last map would copy it
@@ -137,10 +145,10 @@ class QuantizedConv(nn.Module):
         qweight, self.weight_scales, self.weight_zero_points = per_channel_int8(conv.weight)
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         # the weights reordered once into the blocked layout oneDNN's kernels want for
-        # inputs like `input_shape` (a calibration input's: 384x288 gets the layout every
-        # photo size measured wants). Without a shape it lays them out for a tiny input,
-        # and every photo-sized call then reorders them again (4-9x slower convolutions);
-        # tiny inputs (the warm-up) pay that instead, which does not matter
+        # inputs like `input_shape` (PACKING_INPUT_SIZE's). Without a shape it lays them
+        # out for a tiny input, and every photo-sized call then reorders them again (4-9x
+        # slower convolutions); tiny inputs (the warm-up) pay that instead, which does not
+        # matter
         self.packed = torch.ops.onednn.qconv_prepack(qweight, self.weight_scales, inp.scale, inp.zero_point,
                                                      *self.geometry, input_shape)
         self.bias = conv.bias.detach().float() if conv.bias is not None else None
@@ -166,16 +174,16 @@ class QuantizedBottleneck(nn.Module):
         super().__init__()
         q1, q2 = (ranges[c].qparams(True, reduce_range) for c in (block.conv1, block.conv2))
         self.out = ranges[block].qparams(True, reduce_range)
-        self.conv1 = QuantizedConv(block.conv1, inp, q1, True, ranges[block.conv1].input_shape)
-        self.conv2 = QuantizedConv(block.conv2, q1, q2, True, ranges[block.conv2].input_shape)
+        self.conv1 = QuantizedConv(block.conv1, inp, q1, True, ranges[block.conv1].packing_shape)
+        self.conv2 = QuantizedConv(block.conv2, q1, q2, True, ranges[block.conv2].packing_shape)
         # no ReLU of its own: the block's comes after the residual sum, fused into it
-        self.conv3 = QuantizedConv(block.conv3, q2, self.out, False, ranges[block.conv3].input_shape)
+        self.conv3 = QuantizedConv(block.conv3, q2, self.out, False, ranges[block.conv3].packing_shape)
         self.shortcut = None
         self.shortcut_q = inp
         if block.shortcut is not None:
             self.shortcut_q = ranges[block.shortcut].qparams(False, reduce_range)
             self.shortcut = QuantizedConv(block.shortcut, inp, self.shortcut_q, False,
-                                          ranges[block.shortcut].input_shape)
+                                          ranges[block.shortcut].packing_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 in, uint8 out (at `self.out`); x is overwritten when it is the shortcut."""
@@ -308,20 +316,25 @@ def quantize_feed_forwards(network: M2FP, inputs: list[torch.Tensor]) -> int:
 def observe_ranges(backbone: DeepLabResNet, inputs: list[torch.Tensor]) -> dict[nn.Module, Range]:
     """Run the float backbone on `inputs`, recording the range of the stem's output, of
     every convolution's output (before its ReLU) and of every block's output, and the
-    shape of each convolution's input."""
+    shape of each convolution's input at PACKING_INPUT_SIZE."""
     ranges: dict[nn.Module, Range] = {}
     watched = [m for m in backbone.modules() if isinstance(m, (ConvNorm, Bottleneck, DeepLabStem))]
+    packing_width, packing_height = PACKING_INPUT_SIZE
 
     def record(module, args, output):
         seen = ranges.setdefault(module, Range())
         seen.observe(output)
-        seen.input_shape = list(args[0].shape)
+        # the same channels, the spatial size divided by the same stride (each halving
+        # rounds up: padded 3x3 and 1x1 convolutions and the stem's pooling alike)
+        batch, channels, _, width = args[0].shape
+        stride = round(network_input.shape[-1] / width)
+        seen.packing_shape = [batch, channels, -(-packing_height // stride), -(-packing_width // stride)]
 
     hooks = [m.register_forward_hook(record) for m in watched]
     try:
         with torch.inference_mode():
-            for x in inputs:
-                backbone(x)
+            for network_input in inputs:
+                backbone(network_input)
     finally:
         for hook in hooks:
             hook.remove()
