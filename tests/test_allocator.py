@@ -31,16 +31,33 @@ def mallopt_calls(monkeypatch):
     return calls
 
 
+SETTLED = {memory.M_MMAP_THRESHOLD: memory.SETTLED_MMAP_THRESHOLD,
+           memory.M_TRIM_THRESHOLD: memory.SETTLED_TRIM_THRESHOLD}
+
+
 def test_large_photos_are_post_processed_in_mappings_of_their_own(mallopt_calls):
     with memory.full_resolution_heap(memory.FULL_RESOLUTION_MIN_PIXELS):
         assert mallopt_calls == [(memory.M_MMAP_THRESHOLD, memory.FULL_RESOLUTION_MMAP_THRESHOLD)]
-    assert dict(mallopt_calls[1:]) == {memory.M_MMAP_THRESHOLD: memory.SETTLED_MMAP_THRESHOLD,
-                                       memory.M_TRIM_THRESHOLD: memory.SETTLED_TRIM_THRESHOLD}
+    assert dict(mallopt_calls[1:]) == SETTLED
 
 
 def test_smaller_photos_leave_the_heap_as_it_is(mallopt_calls):
     with memory.full_resolution_heap(memory.FULL_RESOLUTION_MIN_PIXELS - 1):
         assert mallopt_calls == []
+
+
+
+def test_the_warm_up_settles_the_heap_thresholds(mallopt_calls, multiple_parser):
+    """Set where glibc's adaptive thresholds would climb to, from the first parse on."""
+    multiple_parser.warm_up()
+    assert dict(mallopt_calls) == SETTLED
+
+
+def test_settling_waits_for_a_full_resolution_phase_to_end(mallopt_calls):
+    with memory.full_resolution_heap(memory.FULL_RESOLUTION_MIN_PIXELS):
+        memory.settle_heap()  # another thread's task, say
+        assert mallopt_calls == [(memory.M_MMAP_THRESHOLD, memory.FULL_RESOLUTION_MMAP_THRESHOLD)]
+    assert dict(mallopt_calls[1:]) == SETTLED
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from ..model import M2FP, M2FPConfig
 from .backends import BACKENDS, Backend, configure_threads, select_backend
 from .checkpoint import HUB_MULTIPLE, ModelSource, load_network, resolve_model
 from .images import DecodedImage, ImageInput, ImageLimits, decode_image
-from .memory import full_resolution_heap, release_free_memory, release_if_large
+from .memory import full_resolution_heap, release_free_memory, release_if_large, settle_heap
 from .compiled import CompiledHeads, input_sizes
 from .onnx import onnx_network
 from .optimize import optimize
@@ -165,5 +165,6 @@ class HumanParser:
         with torch.inference_mode():
             self.network(torch.full((1, 3, 128, 128), 128.0))
         release_free_memory()
+        settle_heap()
         if self.compiler is not None:  # after the warm-up: compiling never delays readiness
             self.compiler.start()
