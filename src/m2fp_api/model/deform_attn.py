@@ -221,12 +221,13 @@ class MSDeformAttn(nn.Module):
         values = self.sampler.prepare(value, spatial_shapes, self.n_points)
         del value
         # per output column of `sampling_offsets` (head, level, point, x|y): the level's
-        # size, offsets being in its pixels, and which reference coordinate it moves
+        # size (fp32, as the offsets are), offsets being in its pixels, and which reference
+        # coordinate it moves
         levels, points = self.n_levels, self.n_points
         # from scalars one by one, not torch.tensor(list): that would freeze the sizes
         # into an exported (ONNX) graph instead of following its dynamic input size
         sizes = torch.stack([torch.stack([torch.scalar_tensor(w), torch.scalar_tensor(h)])
-                             for h, w in spatial_shapes]).to(dtype=query.dtype, device=query.device)
+                             for h, w in spatial_shapes]).to(dtype=torch.float32, device=query.device)
         normalizer = sizes.view(1, levels, 1, 2).expand(heads, levels, points, 2).reshape(-1)
         coordinate = torch.arange(levels * 2, device=query.device).view(1, levels, 1, 2)
         coordinate = coordinate.expand(heads, levels, points, 2).reshape(-1)
