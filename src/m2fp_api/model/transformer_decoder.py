@@ -139,8 +139,12 @@ class MaskedTransformerDecoder(nn.Module):
             sizes.append(x.shape[-2:])
             p = sine_position_embedding(x.shape[0], x.shape[2], x.shape[3],
                                         self.query_feat.embedding_dim // 2, device=x.device)
-            pos.append(p.flatten(2).permute(2, 0, 1))
-            s = self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]
+            # in the projection's dtype (bf16 under autocast), as the encoder's tokens and
+            # positions: keys and values only ever reach bf16 products there, and sums
+            # across dtypes take ATen's slow mixed-dtype path
+            s = self.input_proj[i](x).flatten(2)
+            s = s + self.level_embed.weight[i].to(s.dtype)[None, :, None]
+            pos.append(p.flatten(2).permute(2, 0, 1).to(s.dtype))
             srcs.append(s.permute(2, 0, 1))
         batch = srcs[0].shape[1]
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, batch, 1)
