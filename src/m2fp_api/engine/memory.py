@@ -29,14 +29,15 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters
 # (mapped, 1080p post-processing took ~40 % longer).
 FULL_RESOLUTION_MIN_PIXELS = 2_500_000
 FULL_RESOLUTION_MMAP_THRESHOLD = 2**20
-# Otherwise, from the warm-up on (`settle_heap`): where glibc's own adaptive thresholds
-# climb to (its ceiling for the mmap threshold, twice that for trimming), set at once.
-# Left to climb, they stop at the largest temporary freed so far, and every parse mapped
-# its larger ones afresh and trimmed the heap between layers, faulting the pages back in
-# (a fast 960x540 parse: 3,000-8,000 faults, 860-920 ms; settled, ~500-900 faults and
-# 755-813 ms, two processes alternating on a Zen 5 VM; exact 1850 -> 1760 ms). The heap
-# keeps more of a parse's freed pages meanwhile: peaks 0.1 GB higher under fast (0.69 ->
-# 0.81-0.84 GB), exact's within 0.05 GB (0.95 -> 0.99 GB at 960x540, 0.87-0.91 at 1080p).
+# Otherwise, from the warm-up on for the backends that settle it (`settle_heap`,
+# `Backend.settles_heap`): where glibc's own adaptive thresholds climb to (its ceiling
+# for the mmap threshold, twice that for trimming), set at once. Left to climb, they stop
+# at the largest temporary freed so far, and every parse mapped its larger ones afresh
+# and trimmed the heap between layers, faulting the pages back in (fast at 960x540:
+# 3,600 -> 1,100 faults and 837 -> 792 ms a parse, five fresh process pairs alternating
+# on a Zen 5 VM). The heap keeps more of a parse's freed pages meanwhile: fast's peak
+# rose by ~0.1 GB (0.69-0.72 -> 0.77-0.79 GB at 960x540); exact's would reach 0.98-1.01 GB
+# there (from 0.92-0.97), so exact leaves them adaptive.
 SETTLED_MMAP_THRESHOLD = 32 * 2**20
 SETTLED_TRIM_THRESHOLD = 2 * SETTLED_MMAP_THRESHOLD
 # Between tasks, freed memory goes back to the OS only once no task has run for this

@@ -165,6 +165,7 @@ class HumanParser:
         with torch.inference_mode():
             self.network(torch.full((1, 3, 128, 128), 128.0))
         release_free_memory()
-        settle_heap()
+        if self.backend.settles_heap:
+            settle_heap()
         if self.compiler is not None:  # after the warm-up: compiling never delays readiness
             self.compiler.start()
