@@ -50,7 +50,6 @@ def test_smaller_photos_leave_the_heap_as_it_is(mallopt_calls):
         assert mallopt_calls == []
 
 
-
 @pytest.mark.parametrize("level", ["exact", "fast"])
 def test_fasts_warm_up_settles_the_heap_thresholds(mallopt_calls, multiple_parser, level):
     """fast sets them where glibc's adaptive thresholds would climb to, from the first

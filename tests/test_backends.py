@@ -17,8 +17,9 @@ from m2fp_api import HumanParser, oracle
 from m2fp_api.engine.backends import ONNX_RUNTIMES, select_backend
 from m2fp_api.engine.checkpoint import load_network
 from m2fp_api.engine.compiled import CompiledHeads, input_sizes, multiple_human_sizes
-from m2fp_api.engine.int8 import (CALIBRATION_SIZE, PACKING_INPUT_SIZE, Int8Backbone, QuantizedFeedForward,
-                                  calibration_inputs, observe_ranges, quantize_backbone, quantize_feed_forwards)
+from m2fp_api.engine.int8 import (CALIBRATION_SIZE, Int8Backbone, QuantizedFeedForward, calibration_inputs,
+                                  observe_ranges, packing_input_size, quantize_backbone, quantize_feed_forwards)
+from m2fp_api.engine.preprocess import SHORT_SIDE
 from m2fp_api.engine.optimize import optimize
 from m2fp_api.model.layers import ConvNorm
 
@@ -83,7 +84,8 @@ def test_int8_backbone_tracks_the_float_one(oracle_exact, scenes):
     """Every stage map of the int8 backbone stays close to the folded float backbone's on a
     held-out scene (not a calibration one), and comes back as floats of the right shape."""
     network = optimize(load_network(oracle_exact.source), "exact")
-    quantized = quantize_backbone(network.backbone, calibration_inputs(network.prepare))
+    quantized = quantize_backbone(network.backbone, calibration_inputs(network.prepare),
+                                  packing_input_size(network.config))
     x = network.prepare(torch.from_numpy(np.ascontiguousarray(scenes[0].image)).permute(2, 0, 1)[None].float())
     with torch.inference_mode():
         expected, got = network.backbone(x), quantized(x)
@@ -96,11 +98,13 @@ def test_int8_backbone_tracks_the_float_one(oracle_exact, scenes):
 
 def test_int8_weights_are_laid_out_for_a_photo_sized_input(oracle_exact):
     """Calibrated on small scenes, each int8 convolution is packed for the input it gets
-    from a PACKING_INPUT_SIZE network input (oneDNN lays weights out by input size: packed
-    for the calibration size, res5's shortcut was reordered at every photo's call)."""
+    from the network input `packing_input_size` names (oneDNN lays weights out by input
+    size: packed for the calibration size, res5's shortcut was reordered at every photo's
+    call)."""
     network = optimize(load_network(oracle_exact.source), "exact")
-    ranges = observe_ranges(network.backbone, calibration_inputs(network.prepare))
-    width, height = PACKING_INPUT_SIZE
+    height, width = packing_input_size(network.config)
+    assert (height, width) == (SHORT_SIDE, SHORT_SIDE) != CALIBRATION_SIZE[::-1]
+    ranges = observe_ranges(network.backbone, calibration_inputs(network.prepare), (height, width))
     seen = {}
     convs = [m for m in network.backbone.modules() if isinstance(m, ConvNorm)]
     hooks = [c.register_forward_hook(lambda c, args, out: seen.__setitem__(c, list(args[0].shape)))
@@ -112,7 +116,11 @@ def test_int8_weights_are_laid_out_for_a_photo_sized_input(oracle_exact):
     assert len(seen) == len(convs) > 10
     assert all(ranges[c].packing_shape == seen[c] for c in convs), [
         (ranges[c].packing_shape, seen[c]) for c in convs if ranges[c].packing_shape != seen[c]]
-    assert CALIBRATION_SIZE != PACKING_INPUT_SIZE
+
+
+def test_a_single_human_models_int8_weights_are_laid_out_for_its_one_input_size(single_parser):
+    config = single_parser.network.config
+    assert packing_input_size(config) == input_sizes(config)[0] != (SHORT_SIDE, SHORT_SIDE)
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])

@@ -37,8 +37,9 @@ class Backend:
     @property
     def settles_heap(self) -> bool:
         """Its warm-up sets glibc's heap thresholds where they would climb to
-        (`memory.settle_heap`): fewer page faults a parse for ~0.1 GB more peak, which
-        `fast`'s peak has room for (0.77 GB at 960x540); `exact`'s would pass 1 GB there."""
+        (`memory.settle_heap`, which says what that costs and saves): the bf16 forms of
+        `fast` have room for the higher peak, `exact` at 960x540 has not. Process-wide:
+        in a process that also holds another backend's parser, both run settled."""
         return self.bf16
 
 

@@ -21,7 +21,8 @@ in floats, bf16 under `fast`'s autocast: quantised, it was where nearly all the 
 error came from. On a full-size (ResNet-101) stand-in trained by
 scripts/train_stand_in.py, agreement with `exact` on 8 held-out scenes rose from 99.42 %
 to 99.73 % with the stem in floats (8 other scenes: 98.97 -> 99.54 %; floats for res2
-and res3 instead of the stem: no gain), for ~55 ms more at 1152x640 (of ~0.3 s).
+and res3 instead of the stem: no gain; conv2 and conv3 in int8 with conv1 in bf16: 99.42 %
+again), for ~55 ms more at 1152x640 (of ~0.3 s).
 
 The kernels are oneDNN's int8 convolutions on plain uint8/int8 tensors, the operators
 PyTorch's own compiler lowers quantised models to. oneDNN picks VNNI or AMX where the
@@ -39,24 +40,35 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model import M2FP
+from ..model import M2FP, M2FPConfig
 from ..model.backbone import Bottleneck, DeepLabResNet, DeepLabStem
 from ..model.layers import ConvNorm
 from ..model.pixel_decoder import FFN_CHUNK, EncoderLayer
 from .backends import cpu_supports_int8
+from .compiled import input_sizes
+from .preprocess import SHORT_SIDE
 
 # procedural scenes whose activations set the ranges: seeds apart from the oracle's
 # held-out ones, at a size that keeps the calibration under a second on the full-size
 # backbone (ranges barely depend on it: the oracle's agreement is the check)
 CALIBRATION_SEEDS = (9001, 9002, 9003)
 CALIBRATION_SIZE = (384, 288)  # width, height
-# the network input the int8 weights are laid out for: the smallest a photo becomes (its
-# short side scaled to 640). oneDNN picks a convolution's weight layout by the size of its
-# input; every photo size measured (300x200 to 1920x1080, either orientation) wants the
-# layouts this size gets, where the calibration scenes' own size left res5's 2048x1024
-# shortcut in one that each photo's call reordered, with a slow generic reorder (42 ms of
-# a 960x540 parse on a Zen 5)
-PACKING_INPUT_SIZE = (640, 640)  # width, height
+
+
+def packing_input_size(cfg: M2FPConfig) -> tuple[int, int]:
+    """(height, width) of the network input a model's int8 weights are laid out for.
+    oneDNN picks a convolution's weight layout by the size of its input, and reorders the
+    weights at every call of another size that wants another layout: laid out for the
+    calibration scenes' size, res5's 2048x1024 shortcut was reordered at each photo's call
+    with oneDNN's slow generic int8 reorder (42 ms of a 960x540 parse on a Zen 5). A
+    single-human model has one input size; a multiple-human one is laid out for the
+    smallest a photo becomes, SHORT_SIDE both ways: of the 45 sizes with short side 640,
+    all but four want its layouts (for that shortcut, 832x640 and 864x640 landscape and
+    640x800 and 640x832 portrait, width x height, want another; the sizes with a shorter
+    short side were not measured)."""
+    if cfg.single_human:
+        return input_sizes(cfg)[0]
+    return SHORT_SIDE, SHORT_SIDE
 
 
 # share of an activation's values left outside its range at each end: the rare extremes
@@ -78,8 +90,8 @@ class QParams:
 @dataclass
 class Range:
     """The span of the values seen at one point of the network, but for the `CLIPPED`
-    share at each end, and the shape of the input it gets from a PACKING_INPUT_SIZE
-    network input."""
+    share at each end, and the shape of the input it gets from the network input its
+    weights are laid out for (`packing_input_size`)."""
 
     low: float = float("inf")
     high: float = float("-inf")
@@ -145,7 +157,7 @@ class QuantizedConv(nn.Module):
         qweight, self.weight_scales, self.weight_zero_points = per_channel_int8(conv.weight)
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         # the weights reordered once into the blocked layout oneDNN's kernels want for
-        # inputs like `input_shape` (PACKING_INPUT_SIZE's). Without a shape it lays them
+        # inputs like `input_shape` (`packing_input_size`'s). Without a shape it lays them
         # out for a tiny input, and every photo-sized call then reorders them again (4-9x
         # slower convolutions); tiny inputs (the warm-up) pay that instead, which does not
         # matter
@@ -313,28 +325,35 @@ def quantize_feed_forwards(network: M2FP, inputs: list[torch.Tensor]) -> int:
     return len(layers)
 
 
-def observe_ranges(backbone: DeepLabResNet, inputs: list[torch.Tensor]) -> dict[nn.Module, Range]:
-    """Run the float backbone on `inputs`, recording the range of the stem's output, of
-    every convolution's output (before its ReLU) and of every block's output, and the
-    shape of each convolution's input at PACKING_INPUT_SIZE."""
+def observe_ranges(backbone: DeepLabResNet, inputs: list[torch.Tensor],
+                   packing_size: tuple[int, int]) -> dict[nn.Module, Range]:
+    """Run the float backbone on `inputs` (network inputs, padded to SIZE_DIVISIBILITY),
+    recording the range of the stem's output, of every convolution's output (before its
+    ReLU) and of every block's output, and the shape of each convolution's input at
+    `packing_size` (height, width)."""
     ranges: dict[nn.Module, Range] = {}
     watched = [m for m in backbone.modules() if isinstance(m, (ConvNorm, Bottleneck, DeepLabStem))]
-    packing_width, packing_height = PACKING_INPUT_SIZE
+    packing_height, packing_width = packing_size
+    input_width = 0
 
     def record(module, args, output):
         seen = ranges.setdefault(module, Range())
         seen.observe(output)
         # the same channels, the spatial size divided by the same stride (each halving
-        # rounds up: padded 3x3 and 1x1 convolutions and the stem's pooling alike)
+        # rounds up: padded 3x3 and 1x1 convolutions and the stem's pooling alike), which
+        # divides the padded input exactly
         batch, channels, _, width = args[0].shape
-        stride = round(network_input.shape[-1] / width)
+        stride = input_width // width
+        if stride * width != input_width:
+            raise ValueError(f"a calibration input {input_width} wide is not padded to the backbone's strides")
         seen.packing_shape = [batch, channels, -(-packing_height // stride), -(-packing_width // stride)]
 
     hooks = [m.register_forward_hook(record) for m in watched]
     try:
         with torch.inference_mode():
-            for network_input in inputs:
-                backbone(network_input)
+            for x in inputs:
+                input_width = x.shape[-1]
+                backbone(x)
     finally:
         for hook in hooks:
             hook.remove()
@@ -351,10 +370,13 @@ def calibration_inputs(prepare) -> list[torch.Tensor]:
             for im in images]
 
 
-def quantize_backbone(backbone: DeepLabResNet, inputs: list[torch.Tensor]) -> Int8Backbone:
-    """The int8 twin of a BatchNorm-folded backbone, calibrated on `inputs`. Without
+def quantize_backbone(backbone: DeepLabResNet, inputs: list[torch.Tensor],
+                      packing_size: tuple[int, int]) -> Int8Backbone:
+    """The int8 twin of a BatchNorm-folded backbone, calibrated on `inputs`, its weights
+    laid out for a `packing_size` (height, width) network input. Without
     VNNI, activations get 7 bits: 8-bit products summed in pairs can saturate the 16-bit
     sums such CPUs compute int8 dot products with. (Only the calibrated range: the rare
     values beyond it, the `CLIPPED` share, can still take the 8th bit; `fast` picks
     int8 only on CPUs with VNNI or AMX, so this is the forced path of the tests.)"""
-    return Int8Backbone(backbone, observe_ranges(backbone, inputs), reduce_range=not cpu_supports_int8()).eval()
+    return Int8Backbone(backbone, observe_ranges(backbone, inputs, packing_size),
+                        reduce_range=not cpu_supports_int8()).eval()

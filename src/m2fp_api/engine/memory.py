@@ -3,7 +3,9 @@ fragmenting the heap.
 
 glibc keeps the pages of freed large temporaries (activations, full-size maps) in its
 arenas, so a process's RSS stays at its last peak. Trimming after the warm-up and once
-the tasks stop brings the idle RSS back down; elsewhere (no glibc) it does nothing.
+the tasks stop brings the idle RSS back down; `fast` also settles glibc's thresholds at
+its warm-up, so that a parse stops faulting its temporaries in afresh. Elsewhere (no
+glibc) all this does nothing.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ FULL_RESOLUTION_MMAP_THRESHOLD = 2**20
 # and trimmed the heap between layers, faulting the pages back in (fast at 960x540:
 # 3,600 -> 1,100 faults and 837 -> 792 ms a parse, five fresh process pairs alternating
 # on a Zen 5 VM). The heap keeps more of a parse's freed pages meanwhile: fast's peak
-# rose by ~0.1 GB (0.69-0.72 -> 0.77-0.79 GB at 960x540); exact's would reach 0.98-1.01 GB
-# there (from 0.92-0.97), so exact leaves them adaptive.
+# rose by ~0.1 GB (0.69-0.72 -> 0.77-0.79 GB at 960x540); exact's reached 0.98-1.01 GB
+# there (from 0.92-0.97), so exact's warm-up leaves them adaptive. (Once set they stay
+# set: glibc has no way back to adapting, so a process that post-processed a
+# full-resolution photo runs settled from then on, whatever its backend, as before.)
 SETTLED_MMAP_THRESHOLD = 32 * 2**20
 SETTLED_TRIM_THRESHOLD = 2 * SETTLED_MMAP_THRESHOLD
 # Between tasks, freed memory goes back to the OS only once no task has run for this

@@ -10,8 +10,10 @@ path):
   channels-last, linear layers through oneDNN.
 
 `fast` runs the whole network under bf16 autocast: convolutions and matrix products
-in bf16, the residual streams, normalisation statistics, softmax, deformable sampling
-locations and weights, and the outputs in fp32 (judged by agreement with `exact` on the
+in bf16, and the maps between them (the encoder's tokens and positions, the decoder's
+keys and values) in bf16 too; the decoder's residual stream, normalisation statistics,
+softmax, deformable sampling locations and weights, and the outputs in fp32 (judged by
+agreement with `exact` on the
 trained fidelity oracle, `m2fp_api.oracle`). Where the CPU has int8 dot products,
 `fast` also runs the backbone and the encoder's feed-forwards in int8 (`engine.int8`).
 `reference` leaves the network as ModelScope computes it, for same-run baselines.
@@ -26,7 +28,7 @@ from torch import nn
 
 from ..model import M2FP, InferenceVariant
 from ..model.layers import ConvNorm
-from .int8 import calibration_inputs, quantize_backbone, quantize_feed_forwards
+from .int8 import calibration_inputs, packing_input_size, quantize_backbone, quantize_feed_forwards
 
 EXACT = InferenceVariant(gathered_sampling=True, level_masks=True, channels_last=True,
                          onednn_linear=torch.backends.mkldnn.is_available())
@@ -83,7 +85,7 @@ def optimize(network: M2FP, level: str, int8: bool = False) -> M2FP:
         if level == "reference":
             raise ValueError("the reference network is not quantised")
         inputs = calibration_inputs(network.prepare)
-        network.backbone = quantize_backbone(network.backbone, inputs)
+        network.backbone = quantize_backbone(network.backbone, inputs, packing_input_size(network.config))
         # one scene is enough for their ranges (agreement as with three: 99.84 % on the
         # oracle, 99.74 % on the full-size stand-in) and saves ~0.3 s of the start
         quantize_feed_forwards(network, inputs[:1])

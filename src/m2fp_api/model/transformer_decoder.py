@@ -139,9 +139,10 @@ class MaskedTransformerDecoder(nn.Module):
             sizes.append(x.shape[-2:])
             p = sine_position_embedding(x.shape[0], x.shape[2], x.shape[3],
                                         self.query_feat.embedding_dim // 2, device=x.device)
-            # in the projection's dtype (bf16 under autocast), as the encoder's tokens and
-            # positions: keys and values only ever reach bf16 products there, and sums
-            # across dtypes take ATen's slow mixed-dtype path
+            # in the projection's dtype (bf16 under autocast), as the encoder's positions:
+            # keys and values only ever reach bf16 products there, and sums across dtypes
+            # take ATen's slow mixed-dtype path (the level embedding is rounded to bf16
+            # before its sum, one rounding more than before; oracle agreement unchanged)
             s = self.input_proj[i](x).flatten(2)
             s = s + self.level_embed.weight[i].to(s.dtype)[None, :, None]
             pos.append(p.flatten(2).permute(2, 0, 1).to(s.dtype))
