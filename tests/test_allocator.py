@@ -51,7 +51,7 @@ def test_smaller_photos_leave_the_heap_as_it_is(mallopt_calls):
 
 
 @pytest.mark.parametrize("level", ["exact", "fast"])
-def test_fasts_warm_up_settles_the_heap_thresholds(mallopt_calls, multiple_parser, level):
+def test_only_fasts_warm_up_settles_the_heap_thresholds(mallopt_calls, multiple_parser, level):
     """fast sets them where glibc's adaptive thresholds would climb to, from the first
     parse on; exact, whose peak has no room for what the heap then keeps, leaves them."""
     source = multiple_parser.source

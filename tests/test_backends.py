@@ -19,8 +19,8 @@ from m2fp_api.engine.checkpoint import load_network
 from m2fp_api.engine.compiled import CompiledHeads, input_sizes, multiple_human_sizes
 from m2fp_api.engine.int8 import (CALIBRATION_SIZE, Int8Backbone, QuantizedFeedForward, calibration_inputs,
                                   observe_ranges, packing_input_size, quantize_backbone, quantize_feed_forwards)
-from m2fp_api.engine.preprocess import SHORT_SIDE
 from m2fp_api.engine.optimize import optimize
+from m2fp_api.engine.preprocess import SHORT_SIDE
 from m2fp_api.model.layers import ConvNorm
 
 ORACLE = FIXTURES / "oracle"

@@ -13,10 +13,10 @@ path):
 in bf16, and the maps between them (the encoder's tokens and positions, the decoder's
 keys and values) in bf16 too; the decoder's residual stream, normalisation statistics,
 softmax, deformable sampling locations and weights, and the outputs in fp32 (judged by
-agreement with `exact` on the
-trained fidelity oracle, `m2fp_api.oracle`). Where the CPU has int8 dot products,
-`fast` also runs the backbone and the encoder's feed-forwards in int8 (`engine.int8`).
-`reference` leaves the network as ModelScope computes it, for same-run baselines.
+agreement with `exact` on the trained fidelity oracle, `m2fp_api.oracle`). Where the
+CPU has int8 dot products, `fast` also runs the backbone and the encoder's
+feed-forwards in int8 (`engine.int8`). `reference` leaves the network as ModelScope
+computes it, for same-run baselines.
 """
 
 from __future__ import annotations
