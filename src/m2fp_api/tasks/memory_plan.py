@@ -34,10 +34,12 @@ EXPORTED_NETWORK_WORKING_BYTES = {"onnxruntime": 1000 * MB, "openvino": 1750 * M
 # Per photo pixel: the upload and the decoded photo (Pillow keeps RGB as 4 B), the class
 # map, the running best and the class canvas (10 B), one query's full-resolution
 # logits, signs and box temporaries (~11 B), rendering (the overlay's full-size copy).
-# Where glibc places these varies from run to run: the same 4.8 MP task grew by 18-26.9 B
-# a pixel over some thirty runs (the test wants 15 % headroom over the worst; 26.9 came
-# in CI on 2026-11-23, over the 30 B this was until then).
-BYTES_PER_PIXEL = 31
+# Where glibc places these varies from run to run: the same 4.8 MP task grew by 18-28.2 B
+# a pixel over some fifty runs (the test wants 15 % headroom over the worst; 26.9 came in
+# CI on 2026-11-23, over the 30 B this was until then, and 28.2 in another CI run that day,
+# over the 31 B that followed; seven runs each of the code before and after that day's
+# second round of changes gave 23.4-26.3 and 21.4-24.3: the spread, not a regression).
+BYTES_PER_PIXEL = 33
 
 
 def network_bytes(backend: str) -> int:
