@@ -36,10 +36,10 @@ FULL_RESOLUTION_MMAP_THRESHOLD = 2**20
 # for the mmap threshold, twice that for trimming), set at once. Left to climb, they stop
 # at the largest temporary freed so far, and every parse mapped its larger ones afresh
 # and trimmed the heap between layers, faulting the pages back in (fast at 960x540,
-# thresholds set through glibc's environment variables, mmap 32 MB and trim 64 MB to 1 GB,
-# against adaptive ones, one process pair alternating per A/B on a Zen 5 VM: 3,000-8,000 -> 500-900 faults and 60-100
-# ms less a parse in each of four A/Bs, e.g. 859 -> 755 ms). The heap keeps more of a
-# parse's freed pages meanwhile: fast's peak
+# thresholds set through glibc's environment variables, mmap 32 MB and trim 64 MB to
+# 1 GB, against adaptive ones, one process pair alternating per A/B on a Zen 5 VM:
+# 3,000-8,000 -> 500-900 faults and 60-100 ms less a parse in each of four A/Bs, e.g.
+# 859 -> 755 ms). The heap keeps more of a parse's freed pages meanwhile: fast's peak
 # rose by ~0.1 GB (0.69-0.72 -> 0.77-0.79 GB at 960x540); exact's reached 0.98-1.01 GB
 # there (from 0.92-0.97), so exact's warm-up leaves them adaptive. (Once set they stay
 # set: glibc has no way back to adapting, so a process that post-processed a
