@@ -416,12 +416,14 @@ def test_one_call_sets_the_inference_variant_in_every_module():
     assert all(m.sampler is GRID_SAMPLE and m.query_chunk is None for m in attention)
     assert all(m.onednn for m in linears)
     assert all(m.ffn_chunk is None for m in layers)
+    assert network.backbone.stem.chunk_bytes is None
     assert network.sem_seg_head.predictor.resize_features_first
     assert conv_weight().is_contiguous(memory_format=torch.channels_last) and not conv_weight().is_contiguous()
 
     network.configure(InferenceVariant())  # a freshly built network's
     assert all(m.sampler is GATHER and m.query_chunk for m in attention)
     assert all(m.ffn_chunk for m in layers) and not network.sem_seg_head.predictor.resize_features_first
+    assert network.backbone.stem.chunk_bytes
     assert not any(m.onednn for m in linears)
     assert conv_weight().is_contiguous()
     with pytest.raises(ValueError, match="float16"):

@@ -95,3 +95,32 @@ def test_position_embeddings_are_shared_at_inference_only():
     assert other.shape == (1, 32, 9, 7)
     training = sine_position_embedding(1, 7, 9, 16, device="cpu")
     assert training is not first and not training.is_inference() and torch.equal(training, fresh)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stem_computed_in_pieces_of_output_channels_equals_it_whole(dtype):
+    """The stem's last convolution, ReLU and max-pool by pieces of output channels (bounded
+    bytes each) give what they give whole, bit for bit, in either dtype; a stem whose
+    BatchNorm is not folded yet runs whole."""
+    from m2fp_api.engine.optimize import fold_batchnorm
+    from m2fp_api.model.backbone import DeepLabStem
+
+    g = torch.Generator().manual_seed(0)
+    stem = DeepLabStem(3, 128, "BN").eval()
+    with torch.no_grad():
+        for p in stem.parameters():
+            p.normal_(0, 0.2, generator=g)
+    x = torch.randn(1, 3, 96, 160, generator=g).contiguous(memory_format=torch.channels_last)
+    conv2_output = torch.empty(1, 64, 48, 80, dtype=dtype)
+    stem.chunk_bytes = 100_000  # 128 x 48 x 80 channels' bytes: 983 kB in fp32, 492 kB in bf16
+    assert stem.chunk_channels(conv2_output) is None  # BatchNorm not folded
+    assert fold_batchnorm(stem) == 3
+    assert stem.chunk_channels(conv2_output) == 16  # 10 or 5 pieces, rounded to 16 channels
+    stem.to(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        pieces = stem(x)
+        stem.chunk_bytes = None
+        whole = stem(x)
+    assert pieces.dtype == dtype and pieces.shape == (1, 128, 24, 40)
+    assert pieces.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pieces, whole)

@@ -32,20 +32,25 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters
 FULL_RESOLUTION_MIN_PIXELS = 2_500_000
 FULL_RESOLUTION_MMAP_THRESHOLD = 2**20
 # Otherwise, from the warm-up on for the backends that settle it (`settle_heap`,
-# `Backend.settles_heap`): where glibc's own adaptive thresholds climb to (its ceiling
-# for the mmap threshold, twice that for trimming), set at once. Left to climb, they stop
-# at the largest temporary freed so far, and every parse mapped its larger ones afresh
-# and trimmed the heap between layers, faulting the pages back in (fast at 960x540,
-# thresholds set through glibc's environment variables, mmap 32 MB and trim 64 MB to
-# 1 GB, against adaptive ones, one process pair alternating per A/B on a Zen 5 VM:
-# 3,000-8,000 -> 500-900 faults and 60-100 ms less a parse in each of four A/Bs, e.g.
-# 859 -> 755 ms). The heap keeps more of a parse's freed pages meanwhile: fast's peak
-# rose by ~0.1 GB (0.69-0.72 -> 0.77-0.79 GB at 960x540); exact's reached 0.98-1.01 GB
-# there (from 0.92-0.97), so exact's warm-up leaves them adaptive. (Once set they stay
-# set: glibc has no way back to adapting, so a process that post-processed a
-# full-resolution photo runs settled from then on, whatever its backend, as before.)
+# `Backend.settles_heap`): the mmap threshold at glibc's ceiling (32 MB; mallopt refuses
+# more), set at once, and a trim threshold above what a parse frees at the heap's top.
+# Left to climb, the mmap threshold stops at the largest temporary freed so far, and
+# every parse mapped its larger ones afresh and trimmed the heap between layers,
+# faulting the pages back in (fast at 960x540, mmap 32 MB and trim 64 MB to 1 GB set
+# through glibc's environment variables against adaptive ones, one process pair
+# alternating per A/B on a Zen 5 VM: 3,000-8,000 -> 500-900 faults and 60-100 ms less a
+# parse in each of four A/Bs). Those 500-900 were the stem's two maps over 32 MB, which
+# it now computes in pieces (model.backbone.STEM_CHUNK_BYTES); the heap then held them,
+# and a 64 MB trim threshold (twice the mmap one, where glibc's adaptive one goes) gave
+# 2,000-4,500 faults a parse back to the OS: at 256 MB none are left (four fresh process
+# pairs, stem and threshold together: 1,070 -> 0 faults, 718 -> 690 ms median, peak
+# 0.85 -> 0.70 GB). exact's warm-up leaves both adaptive: it has fp32 maps over 32 MB all
+# through, and settled, its 960x540 peak reached 0.98-1.01 GB (from 0.92-0.97). (Once
+# set they stay set: glibc has no way back to adapting, so a process that
+# post-processed a full-resolution photo runs settled from then on, whatever its
+# backend, as before.)
 SETTLED_MMAP_THRESHOLD = 32 * 2**20
-SETTLED_TRIM_THRESHOLD = 2 * SETTLED_MMAP_THRESHOLD
+SETTLED_TRIM_THRESHOLD = 256 * 2**20
 # Between tasks, freed memory goes back to the OS only once no task has run for this
 # long (jemalloc returns its dirty pages on a 10 s decay for the same reason): pages given
 # back are faulted in again by the next task, 0.4 ms a MB, and on VMs whose host reclaims

@@ -44,11 +44,25 @@ class Bottleneck(nn.Module):
         return F.relu_(out)
 
 
+# The stem's last convolution gives the network's largest map (128 channels at half the
+# input's resolution: 47 MB in bf16 at 1152x640), and max-pooling it allocates int64
+# indices of the pooled size (45 MB): both over glibc's largest mmap threshold (32 MB), so
+# every call maps them afresh and faults their pages in, which on a VM whose host reclaims
+# freed guest memory cost a 960x540 `fast` parse 40-90 ms of its ~0.75 s (a Zen 5 VM; all
+# of its ~1,070 page faults). Computed STEM_CHUNK_BYTES of conv3's output at a time, by
+# output channels, every piece comes from (and goes back to) the heap instead.
+STEM_CHUNK_BYTES = 24 * 2**20
+# output channels per piece are a multiple of this (oneDNN's kernels block channels by 16)
+STEM_CHUNK_CHANNELS = 16
+
+
 class DeepLabStem(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
         super().__init__()
         half = out_channels // 2
         self.out_channels = out_channels
+        # None: conv3's output whole (M2FP.configure sets it by InferenceVariant.chunked)
+        self.chunk_bytes: int | None = STEM_CHUNK_BYTES
         self.conv1 = ConvNorm(in_channels, half, kernel_size=3, stride=2, padding=1, bias=False,
                               norm=make_norm(norm, half))
         self.conv2 = ConvNorm(half, half, kernel_size=3, padding=1, bias=False,
@@ -59,8 +73,31 @@ class DeepLabStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu_(self.conv1(x))
         x = F.relu_(self.conv2(x))
-        x = F.relu_(self.conv3(x))
-        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        step = self.chunk_channels(x)
+        if step is None:
+            return self._pool(self.conv3(x))
+        conv = self.conv3
+        return torch.cat([
+            self._pool(F.conv2d(x, conv.weight[start:start + step],
+                                None if conv.bias is None else conv.bias[start:start + step],
+                                conv.stride, conv.padding, conv.dilation, conv.groups))
+            for start in range(0, self.out_channels, step)], dim=1)
+
+    def chunk_channels(self, x: torch.Tensor) -> int | None:
+        """conv3's output channels per piece for input x (conv2's output, in conv3's
+        output dtype); None: whole, when it fits in one or conv3 still has a norm (the
+        BatchNorm folded into it, as every optimisation level does, each output channel is
+        just its slice of the weights)."""
+        if self.chunk_bytes is None or self.conv3.norm is not None:
+            return None
+        pieces = -(-self.out_channels * x.shape[-2] * x.shape[-1] * x.element_size() // self.chunk_bytes)
+        if pieces <= 1:
+            return None
+        return -(-self.out_channels // (pieces * STEM_CHUNK_CHANNELS)) * STEM_CHUNK_CHANNELS
+
+    @staticmethod
+    def _pool(x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu_(x), kernel_size=3, stride=2, padding=1)
 
 
 class DeepLabResNet(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import DeepLabResNet
+from .backbone import STEM_CHUNK_BYTES, DeepLabResNet, DeepLabStem
 from .config import M2FPConfig
 from .deform_attn import GATHER, GRID_SAMPLE, QUERY_CHUNK, MSDeformAttn
 from .layers import GROUP_NORM_CHUNK, GroupNorm, Linear, MultiheadAttention
@@ -51,9 +51,10 @@ class InferenceVariant:
     # (`layers.Linear`, `layers.MultiheadAttention`); False: ATen's addmm, as ModelScope
     # computes them (and what exporters know)
     onednn_linear: bool = False
-    # deformable-attention queries, feed-forward tokens and group-norm pixels in bounded
-    # chunks (memory, not results); False for graphs made once for every input size, as
-    # the number of chunks would be frozen at one size's
+    # deformable-attention queries, feed-forward tokens, group-norm pixels and the stem's
+    # last convolution's output channels in bounded chunks (memory, not results); False
+    # for graphs made once for every input size, as the number of chunks would be frozen
+    # at one size's
     chunked: bool = True
     # runs the heads instead of `sem_seg_head` when set: its compiled twin
     # (engine.compiled), which must compute the same thing
@@ -118,6 +119,8 @@ class M2FP(nn.Module):
                 module.onednn = variant.onednn_linear
             elif isinstance(module, GroupNorm):
                 module.chunk = GROUP_NORM_CHUNK if variant.chunked else None
+            elif isinstance(module, DeepLabStem):
+                module.chunk_bytes = STEM_CHUNK_BYTES if variant.chunked else None
         self.sem_seg_head.predictor.resize_features_first = variant.level_masks
         if variant.channels_last != self.variant.channels_last:
             layout = torch.channels_last if variant.channels_last else torch.contiguous_format
