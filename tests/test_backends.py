@@ -303,6 +303,23 @@ def test_onnx_backend_agrees_with_exact_on_the_oracle(oracle_cache, scenes, exac
     assert agreement >= oracle.MIN_AGREEMENT, agreement
 
 
+def test_an_export_that_fails_says_why_and_leaves_no_model_behind(tmp_path):
+    """The export runs in a child process (`m2fp export`): its failure reaches the caller
+    as ModelUnavailable with the child's reason, and the cache holds no model."""
+    import shutil
+
+    from m2fp_api.errors import ModelUnavailable
+
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    broken = tmp_path / "broken"
+    shutil.copytree(ORACLE, broken)
+    (broken / "pytorch_model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelUnavailable, match="could not be read"):
+        HumanParser.from_pretrained(broken, backend="onnxruntime", cache_dir=tmp_path / "cache",
+                                    allow_download=False)
+    assert not list((tmp_path / "cache").rglob("*.onnx*"))
+
+
 # --- compilation ------------------------------------------------------------------------
 
 def test_input_sizes_cover_the_multiple_human_preprocessing():

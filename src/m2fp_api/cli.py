@@ -141,13 +141,16 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .engine.checkpoint import load_network
+    from .engine.checkpoint import load_network, resolve_model
     from .engine.onnx import export_onnx
     from .engine.optimize import optimize
     from .errors import M2FPError
+    from .settings import Settings
 
     try:
-        source = _parser_from_args(args, backend="exact").source
+        settings = Settings()
+        source = resolve_model(args.model or settings.model, revision=settings.model_revision,
+                               cache_dir=settings.cache_dir, allow_download=settings.allow_download)
         path = export_onnx(optimize(load_network(source), "exact"), Path(args.out))
     except (M2FPError, ImportError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)

@@ -120,10 +120,13 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def load_config(source: ModelSource) -> M2FPConfig:
+    return M2FPConfig.from_model_section(read_configuration(source.path)["model"])
+
+
 def load_network(source: ModelSource) -> M2FP:
     """Build the network from the directory's configuration and load its weights strictly."""
-    configuration = read_configuration(source.path)
-    cfg = M2FPConfig.from_model_section(configuration["model"])
+    cfg = load_config(source)
     # built on the meta device and given the checkpoint's tensors as they are: no random
     # initialisation to throw away, no second copy of the weights
     with torch.device("meta"):

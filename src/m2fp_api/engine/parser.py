@@ -82,12 +82,12 @@ class HumanParser:
                                allow_download=allow_download)
         threads = configure_threads(threads)
         selected = select_backend(backend, threads)
-        network = optimize(load_network(source), "exact" if selected.level == "onnx" else selected.level,
-                           int8=selected.int8)
         compiler = None
         if selected.level == "onnx":
-            network = onnx_network(network, source, cache_dir, threads, runtime=backend)
-        elif compile and selected.level != "reference":
+            network = onnx_network(source, cache_dir, threads, runtime=backend)
+        else:
+            network = optimize(load_network(source), selected.level, int8=selected.int8)
+        if compile and selected.level not in ("onnx", "reference"):
             compiler = CompiledHeads(network, input_sizes(network.config), cache_dir)
         return cls(network, source, selected, compiler=compiler,
                    limits=ImageLimits(max_pixels=max_pixels, min_side=min_side),
