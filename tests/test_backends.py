@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import FIXTURES, PARITY, load_expected
 from m2fp_api import HumanParser, oracle
-from m2fp_api.engine.backends import ONNX_RUNTIMES, select_backend
+from m2fp_api.engine.backends import select_backend
 from m2fp_api.engine.checkpoint import load_network
 from m2fp_api.engine.compiled import CompiledHeads, input_sizes, multiple_human_sizes
 from m2fp_api.engine.int8 import (CALIBRATION_SIZE, Int8Backbone, QuantizedFeedForward, calibration_inputs,
@@ -245,22 +245,21 @@ def test_an_export_is_reused_only_by_the_code_that_made_it(tmp_path, monkeypatch
     assert cached_export_path(tmp_path / "cache", weights) != first
 
 
-@pytest.fixture(params=ONNX_RUNTIMES)
-def runtime(request):
-    """Each backend that runs the export (named as its Python module)."""
-    pytest.importorskip(request.param, reason=f"{request.param}'s extra is not installed")
-    return request.param
+@pytest.fixture
+def onnxruntime_installed():
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
 
 
 @pytest.mark.timeout(900)  # includes the export (the module's fixture): a minute or more
 @pytest.mark.parametrize("size", [(640, 1152), (1344, 640)], ids=["landscape", "portrait"])
-def test_onnx_round_trip_matches_torch_at_two_aspect_ratios(onnx_model, multiple_parser, size, runtime):
-    """One export, any input size: each runtime's outputs equal the torch network's
+def test_onnx_round_trip_matches_torch_at_two_aspect_ratios(onnx_model, multiple_parser, size,
+                                                            onnxruntime_installed):
+    """One export, any input size: ONNX Runtime's outputs equal the torch network's
     within the parity tolerance, at sizes the export was not traced at."""
     from m2fp_api.engine.onnx import EXAMPLE_SIZE, OnnxNetwork
 
     assert size != EXAMPLE_SIZE
-    exported = OnnxNetwork(onnx_model, multiple_parser.config, threads=2, runtime=runtime)
+    exported = OnnxNetwork(onnx_model, multiple_parser.config, threads=2)
     images = torch.rand(1, 3, size[0] - 5, size[1] - 7, generator=torch.Generator().manual_seed(0)) * 255
     with torch.inference_mode():
         expected = multiple_parser.network(images)
@@ -271,14 +270,14 @@ def test_onnx_round_trip_matches_torch_at_two_aspect_ratios(onnx_model, multiple
 
 
 @pytest.mark.timeout(900)
-def test_onnx_backend_matches_the_parity_fixture(onnx_model, multiple_parser, tmp_path, runtime):
-    """The exported network, in each runtime, reproduces ModelScope's head outputs for
+def test_onnx_backend_matches_the_parity_fixture(onnx_model, multiple_parser, tmp_path, onnxruntime_installed):
+    """The exported network, in ONNX Runtime, reproduces ModelScope's head outputs for
     the fixture."""
     from m2fp_api.engine.onnx import OnnxNetwork
 
     expected = load_expected("tiny-multiple")
     x = torch.from_numpy(expected["astronaut.jpg:input"]).float()[None]
-    out = OnnxNetwork(onnx_model, multiple_parser.config, threads=2, runtime=runtime)(x)
+    out = OnnxNetwork(onnx_model, multiple_parser.config, threads=2)(x)
     np.testing.assert_allclose(out.pred_logits.numpy(), expected["astronaut.jpg:pred_logits"],
                                atol=LOGIT_TOL)
     ref = expected["astronaut.jpg:pred_masks"].astype(np.float32)  # stored as fp16
@@ -286,31 +285,24 @@ def test_onnx_backend_matches_the_parity_fixture(onnx_model, multiple_parser, tm
     assert (err <= LOGIT_TOL + np.abs(ref) * 2.0**-11).all(), float(err.max())
 
 
-@pytest.fixture(scope="module")
-def oracle_cache(tmp_path_factory):
-    """One cache directory for both runtimes: the oracle is exported once, by the first."""
-    return tmp_path_factory.mktemp("oracle-cache")
-
-
 @pytest.mark.timeout(900)
-def test_onnx_backend_agrees_with_exact_on_the_oracle(oracle_cache, scenes, exact_maps, runtime):
-    parser = HumanParser.from_pretrained(ORACLE, backend=runtime, cache_dir=oracle_cache,
+def test_onnx_backend_agrees_with_exact_on_the_oracle(tmp_path, scenes, exact_maps, onnxruntime_installed):
+    parser = HumanParser.from_pretrained(ORACLE, backend="onnxruntime", cache_dir=tmp_path,
                                          allow_download=False)
-    assert parser.info.backend == f"{runtime}-fp32"
-    assert len(list((oracle_cache / "onnx").glob("*.onnx"))) == 1, "exported once, into the cache directory"
+    assert parser.info.backend == "onnxruntime-fp32"
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1, "exported once, into the cache directory"
     agreement = np.mean([oracle.agreement(e, parser.parse(s.image).class_map)
                          for e, s in zip(exact_maps, scenes)])
     assert agreement >= oracle.MIN_AGREEMENT, agreement
 
 
-def test_an_export_that_fails_says_why_and_leaves_no_model_behind(tmp_path):
+def test_an_export_that_fails_says_why_and_leaves_no_model_behind(tmp_path, onnxruntime_installed):
     """The export runs in a child process (`m2fp export`): its failure reaches the caller
     as ModelUnavailable with the child's reason, and the cache holds no model."""
     import shutil
 
     from m2fp_api.errors import ModelUnavailable
 
-    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     broken = tmp_path / "broken"
     shutil.copytree(ORACLE, broken)
     (broken / "pytorch_model.pt").write_bytes(b"not a checkpoint")

@@ -45,8 +45,7 @@ class Settings(BaseSettings):
         "feed-forwards in int8 where the CPU has int8 dot products (VNNI/AMX-INT8) and the rest (without int8: everything) under "
         "bf16 autocast where it has native bf16 (exact where it has neither). "
         "`onnxruntime`: the network exported to ONNX (once, kept in the cache directory) "
-        "and run by ONNX Runtime (`pip install 'm2fp-api[onnx]'`). `openvino`: the same "
-        "export run by OpenVINO in fp32 (`pip install 'm2fp-api[openvino]'`). `reference`: "
+        "and run by ONNX Runtime in fp32 (`pip install 'm2fp-api[onnx]'`). `reference`: "
         "ModelScope's own formulation, slower; for comparisons."))
     compile: bool = Field(False, description=(
         "Compile the network's heads with torch.compile (inductor) in the background "

@@ -14,15 +14,13 @@ from pathlib import Path
 import torch
 
 # what `HumanParser.from_pretrained(backend=...)`, M2FP_BACKEND and `--backend` may name
-BACKENDS = ("exact", "fast", "reference", "onnxruntime", "openvino")
-# the backends that run the network exported to ONNX, in another runtime
-ONNX_RUNTIMES = ("onnxruntime", "openvino")
+BACKENDS = ("exact", "fast", "reference", "onnxruntime")
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str  # "torch-fp32", "torch-int8-bf16", "torch-int8", "torch-bf16",
-    # "torch-fp32-reference", "onnxruntime-fp32" or "openvino-fp32"
+    # "torch-fp32-reference" or "onnxruntime-fp32"
     dtype: str
     threads: int
     level: str  # the network optimisation level (engine.optimize)
@@ -90,8 +88,8 @@ def select_backend(requested: str, threads: int, bf16: bool | None = None,
     says so in its name."""
     if requested == "reference":
         return Backend("torch-fp32-reference", "float32", threads, "reference")
-    if requested in ONNX_RUNTIMES:
-        return Backend(f"{requested}-fp32", "float32", threads, "onnx")
+    if requested == "onnxruntime":
+        return Backend("onnxruntime-fp32", "float32", threads, "onnx")
     if requested == "fast":
         bf16 = cpu_supports_bf16() if bf16 is None else bf16
         int8 = cpu_supports_int8() if int8 is None else int8

@@ -1,5 +1,5 @@
-"""ONNX export of the network, and two runtimes for it as backends: ONNX Runtime
-(`pip install '.[onnx]'`) and OpenVINO (`pip install '.[openvino]'`), both in fp32.
+"""ONNX export of the network, and ONNX Runtime running it in fp32 as a backend (`pip
+install '.[onnx]'`).
 
 The exported graph is `M2FP.predict`: a normalised input padded to a multiple of 32
 (any size: height and width are dynamic) -> class logits and mask logits. Deformable
@@ -7,6 +7,13 @@ attention is exported in its `grid_sample` formulation (ONNX `GridSample`): the
 gathered one relies on `embedding_bag`, which ONNX lacks. Normalisation and padding
 stay in torch, outside the graph, so the same pre- and post-processing serve every
 backend.
+
+OpenVINO, which reads the same file, was a backend until 2026-11-23: held to fp32 (its
+bf16 attention kernels do not build on AVX512-BF16 CPUs without AMX), it was slower than
+eager `exact` (960x540: 2.1 against 1.7 s on a Zen 5) and, planning its memory per input
+size, idled at 0.93 GB and peaked at 2.3 GB (1.06 GB even compiled for one static size):
+over the service's memory targets, and with the default 2 GB budget the memory plan
+refused every photo. The exported model still loads in it.
 """
 
 from __future__ import annotations
@@ -97,11 +104,11 @@ def cached_export_path(cache_dir: Path, weights: Path) -> Path:
 
 
 class OnnxNetwork:
-    """Runs an exported model in ONNX Runtime or OpenVINO; called like `M2FP` (images in,
-    a NetworkOutput out), so the engine's pre- and post-processing are shared."""
+    """Runs an exported model in ONNX Runtime; called like `M2FP` (images in, a
+    NetworkOutput out), so the engine's pre- and post-processing are shared."""
 
-    def __init__(self, path: Path, config: M2FPConfig, threads: int, runtime: str = "onnxruntime") -> None:
-        self.run = (_openvino if runtime == "openvino" else _onnxruntime)(path, threads)
+    def __init__(self, path: Path, config: M2FPConfig, threads: int) -> None:
+        self.run = _onnxruntime(path, threads)
         self.config = config
 
     def eval(self) -> "OnnxNetwork":
@@ -152,31 +159,8 @@ def _onnxruntime(path: Path, threads: int) -> Runner:
     return lambda x: tuple(session.run(None, {"image": x}, run_options))
 
 
-def _openvino(path: Path, threads: int) -> Runner:
-    try:
-        import openvino as ov
-    except ImportError as exc:  # the optional extra is missing
-        raise ModelUnavailable(
-            "M2FP_BACKEND=openvino needs OpenVINO: pip install 'm2fp-api[openvino]'.") from exc
-    # fp32 always: OpenVINO would pick bf16 itself on CPUs with native bf16 (and its bf16
-    # attention kernels fail to build on AVX512-BF16 CPUs without AMX)
-    compiled = ov.Core().compile_model(str(path), "CPU", {
-        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
-    logits, masks = compiled.outputs
-
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # a request per call: requests are not shared between threads, and their output
-        # buffers would be overwritten by the next one
-        out = compiled.create_infer_request().infer({0: x})
-        return out[logits], out[masks]
-
-    return run
-
-
-def onnx_network(source: ModelSource, cache_dir: Path, threads: int,
-                 runtime: str = "onnxruntime") -> OnnxNetwork:
-    """The ONNX Runtime (or OpenVINO) twin of a model's (exact) network, exported on first
+def onnx_network(source: ModelSource, cache_dir: Path, threads: int) -> OnnxNetwork:
+    """The ONNX Runtime twin of a model's (exact) network, exported on first
     use into the cache directory (the export loads the weights strictly, as
     `load_network` does). The runtime alone holds the weights: no torch network is
     loaded here."""
@@ -184,7 +168,7 @@ def onnx_network(source: ModelSource, cache_dir: Path, threads: int,
     if not path.exists():
         log.info("exporting the network to ONNX once, into %s (a minute or more)", path.parent)
         _export_in_child(source.path, path)
-    return OnnxNetwork(path, load_config(source), threads, runtime)
+    return OnnxNetwork(path, load_config(source), threads)
 
 
 def _export_in_child(model_dir: Path, path: Path) -> None:

@@ -84,7 +84,7 @@ class HumanParser:
         selected = select_backend(backend, threads)
         compiler = None
         if selected.level == "onnx":
-            network = onnx_network(source, cache_dir, threads, runtime=backend)
+            network = onnx_network(source, cache_dir, threads)
         else:
             network = optimize(load_network(source), selected.level, int8=selected.int8)
         if compile and selected.level not in ("onnx", "reference"):
