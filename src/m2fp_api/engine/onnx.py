@@ -143,8 +143,8 @@ def _onnxruntime(path: Path, threads: int) -> Runner:
     # lower peak) or, mapped one by one, faulted in afresh (a parse 2.9 -> 5.3 s). No
     # memory pattern (one block for a run's every activation), and basic graph
     # optimisations only: the extended ones keep reordered copies of the convolution
-    # weights (+0.19 GB idle). In the service's process at 1920x1080 on a Zen 5: peak
-    # 1.17-1.22 -> 0.92 GB, a parse 2.8-2.9 -> 2.7 s.
+    # weights (+0.19 GB idle). `make bench` on a Zen 5, 1920x1080: peak 1.28-1.33 -> 0.95-0.96
+    # GB, inference 2.2 s as before.
     ort.create_and_register_allocator(
         ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
         ort.OrtArenaCfg({"arena_extend_strategy": ARENA_EXTEND_SAME_AS_REQUESTED}))
