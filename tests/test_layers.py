@@ -98,10 +98,11 @@ def test_position_embeddings_are_shared_at_inference_only():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stem_computed_in_pieces_of_output_channels_equals_it_whole(dtype):
+@pytest.mark.parametrize("chunk_bytes", [100_000, 800_000])
+def test_stem_computed_in_pieces_of_output_channels_equals_it_whole(dtype, chunk_bytes):
     """The stem's last convolution, ReLU and max-pool by pieces of output channels (bounded
-    bytes each) give what they give whole, bit for bit, in either dtype; a stem whose
-    BatchNorm is not folded yet runs whole."""
+    bytes each, the last one smaller where they do not divide) give what they give whole,
+    bit for bit, in either dtype; a stem whose BatchNorm is not folded yet runs whole."""
     from m2fp_api.engine.optimize import fold_batchnorm
     from m2fp_api.model.backbone import DeepLabStem
 
@@ -112,10 +113,13 @@ def test_stem_computed_in_pieces_of_output_channels_equals_it_whole(dtype):
             p.normal_(0, 0.2, generator=g)
     x = torch.randn(1, 3, 96, 160, generator=g).contiguous(memory_format=torch.channels_last)
     conv2_output = torch.empty(1, 64, 48, 80, dtype=dtype)
-    stem.chunk_bytes = 100_000  # 128 x 48 x 80 channels' bytes: 983 kB in fp32, 492 kB in bf16
+    stem.chunk_bytes = chunk_bytes  # a channel of 48 x 80: 15,360 B in fp32, 7,680 B in bf16
     assert stem.chunk_channels(conv2_output) is None  # BatchNorm not folded
     assert fold_batchnorm(stem) == 3
-    assert stem.chunk_channels(conv2_output) == 16  # 10 or 5 pieces, rounded to 16 channels
+    # the most channels, in 16s, within the bytes (at least 16): 100 kB -> 16 either way;
+    # 800 kB -> 48 (48, 48, 32) in fp32 and 96 (96, 32) in bf16
+    expected = 16 if chunk_bytes == 100_000 else (48 if dtype == torch.float32 else 96)
+    assert stem.chunk_channels(conv2_output) == expected
     stem.to(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         pieces = stem(x)

@@ -141,6 +141,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from pydantic import ValidationError
+
     from .engine.checkpoint import load_network, resolve_model
     from .engine.onnx import export_onnx
     from .engine.optimize import optimize
@@ -152,7 +154,7 @@ def cmd_export(args) -> int:
         source = resolve_model(args.model or settings.model, revision=settings.model_revision,
                                cache_dir=settings.cache_dir, allow_download=settings.allow_download)
         path = export_onnx(optimize(load_network(source), "exact"), Path(args.out))
-    except (M2FPError, ImportError) as exc:
+    except (M2FPError, ImportError, ValidationError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1
     print(path)

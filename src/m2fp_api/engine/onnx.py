@@ -18,6 +18,7 @@ refused every photo. The exported model still loads in it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -65,7 +67,7 @@ def export_onnx(network: M2FP, path: Path) -> Path:
     # grid_sample: ONNX has no embedding_bag (nor oneDNN's linear); unchunked: one graph
     # serves every input size
     network.configure(replace(network.variant, gathered_sampling=False, chunked=False,
-                              onednn_linear=False))
+                              stem_in_pieces=False, onednn_linear=False))
     blocks_h = torch.export.Dim("blocks_h", min=1, max=MAX_BLOCKS)
     blocks_w = torch.export.Dim("blocks_w", min=1, max=MAX_BLOCKS)
     example = torch.zeros(1, 3, *EXAMPLE_SIZE)
@@ -145,9 +147,7 @@ def _onnxruntime(path: Path, threads: int) -> Runner:
     # optimisations only: the extended ones keep reordered copies of the convolution
     # weights (+0.19 GB idle). `make bench` on a Zen 5, 1920x1080: peak 1.28-1.33 -> 0.95-0.96
     # GB, inference 2.2 s as before.
-    ort.create_and_register_allocator(
-        ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
-        ort.OrtArenaCfg({"arena_extend_strategy": ARENA_EXTEND_SAME_AS_REQUESTED}))
+    _register_arena(ort)
     options.add_session_config_entry("session.use_env_allocators", "1")
     options.enable_mem_reuse = False
     options.enable_mem_pattern = False
@@ -159,6 +159,14 @@ def _onnxruntime(path: Path, threads: int) -> Runner:
     return lambda x: tuple(session.run(None, {"image": x}, run_options))
 
 
+@lru_cache(maxsize=1)
+def _register_arena(ort) -> None:
+    """The process's one CPU arena, which every session (one per model) shares."""
+    ort.create_and_register_allocator(
+        ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
+        ort.OrtArenaCfg({"arena_extend_strategy": ARENA_EXTEND_SAME_AS_REQUESTED}))
+
+
 def onnx_network(source: ModelSource, cache_dir: Path, threads: int) -> OnnxNetwork:
     """The ONNX Runtime twin of a model's (exact) network, exported on first
     use into the cache directory (the export loads the weights strictly, as
@@ -166,16 +174,23 @@ def onnx_network(source: ModelSource, cache_dir: Path, threads: int) -> OnnxNetw
     loaded here."""
     path = cached_export_path(cache_dir, source.path / WEIGHTS_FILE)
     if not path.exists():
-        log.info("exporting the network to ONNX once, into %s (a minute or more)", path.parent)
-        _export_in_child(source.path, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # processes starting together on one cache (Celery workers) export once, not each
+        with path.with_suffix(".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                log.info("exporting the network to ONNX once, into %s (40 s or more)", path.parent)
+                _export_in_child(source.path, path)
     return OnnxNetwork(path, load_config(source), threads)
 
 
 def _export_in_child(model_dir: Path, path: Path) -> None:
     """`m2fp export` of `model_dir` to `path`, in a child process: the exporter keeps
-    ~0.3 GB of what it traced after it returns, which a serving process would hold until
-    it restarts (the full-size model's first start: idle 1.04 GB instead of 0.51 GB)."""
+    ~0.3-0.5 GB of what it traced after it returns, which a serving process would hold
+    until it restarts (the full-size model's first start, in the benchmark: idle 1.11 GB
+    instead of 0.56 GB)."""
     proc = subprocess.run([sys.executable, "-m", "m2fp_api.cli", "export", "--model", str(model_dir),
                            "--out", str(path)], capture_output=True, text=True)
     if proc.returncode != 0 or not path.is_file():
-        raise ModelUnavailable(f"Exporting the network to ONNX failed: {proc.stderr.strip()[-500:]}")
+        why = proc.stderr.strip()[-500:] or f"the exporting process ended with status {proc.returncode}"
+        raise ModelUnavailable(f"Exporting the network to ONNX failed: {why}")

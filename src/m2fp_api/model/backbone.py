@@ -45,13 +45,14 @@ class Bottleneck(nn.Module):
 
 
 # The stem's last convolution gives the network's largest map (128 channels at half the
-# input's resolution: 47 MB in bf16 at 1152x640), and max-pooling it allocates int64
-# indices of the pooled size (45 MB): both over glibc's largest mmap threshold (32 MB), so
-# every call maps them afresh and faults their pages in, which on a VM whose host reclaims
-# freed guest memory cost a 960x540 `fast` parse 40-90 ms of its ~0.75 s (a Zen 5 VM; all
-# of its ~1,070 page faults). Computed STEM_CHUNK_BYTES of conv3's output at a time, by
-# output channels, every piece comes from (and goes back to) the heap instead.
-STEM_CHUNK_BYTES = 24 * 2**20
+# input's resolution: 45 MiB in bf16 at 1152x640), and max-pooling it allocates int64
+# indices of the pooled size (45 MiB as well): both over glibc's largest mmap threshold
+# (32 MiB), so every call maps them afresh and faults their pages in, which on a VM whose
+# host reclaims freed guest memory cost a 960x540 `fast` parse 40-90 ms of its ~0.75 s (a
+# Zen 5 VM; all of its ~1,070 page faults). Computed by pieces of output channels of at
+# most STEM_CHUNK_BYTES (of conv3's output, and so of the indices, which take no more),
+# every piece comes from (and goes back to) the heap instead.
+STEM_CHUNK_BYTES = 28 * 2**20
 # output channels per piece are a multiple of this (oneDNN's kernels block channels by 16)
 STEM_CHUNK_CHANNELS = 16
 
@@ -61,7 +62,7 @@ class DeepLabStem(nn.Module):
         super().__init__()
         half = out_channels // 2
         self.out_channels = out_channels
-        # None: conv3's output whole (M2FP.configure sets it by InferenceVariant.chunked)
+        # None: conv3's output whole (M2FP.configure sets it by InferenceVariant.stem_in_pieces)
         self.chunk_bytes: int | None = STEM_CHUNK_BYTES
         self.conv1 = ConvNorm(in_channels, half, kernel_size=3, stride=2, padding=1, bias=False,
                               norm=make_norm(norm, half))
@@ -85,15 +86,18 @@ class DeepLabStem(nn.Module):
 
     def chunk_channels(self, x: torch.Tensor) -> int | None:
         """conv3's output channels per piece for input x (conv2's output, in conv3's
-        output dtype); None: whole, when it fits in one or conv3 still has a norm (the
-        BatchNorm folded into it, as every optimisation level does, each output channel is
-        just its slice of the weights)."""
-        if self.chunk_bytes is None or self.conv3.norm is not None:
+        output dtype): the most, in multiples of STEM_CHUNK_CHANNELS, whose output takes no
+        more than `chunk_bytes` (at least STEM_CHUNK_CHANNELS). None: whole, when it fits
+        in one, or when conv3 still has a norm or an activation of its own (with its
+        BatchNorm folded into it, as every optimisation level does, each output channel
+        is just its slice of the weights)."""
+        conv = self.conv3
+        if self.chunk_bytes is None or conv.norm is not None or conv.activation is not None:
             return None
-        pieces = -(-self.out_channels * x.shape[-2] * x.shape[-1] * x.element_size() // self.chunk_bytes)
-        if pieces <= 1:
-            return None
-        return -(-self.out_channels // (pieces * STEM_CHUNK_CHANNELS)) * STEM_CHUNK_CHANNELS
+        channel_bytes = x.shape[0] * x.shape[-2] * x.shape[-1] * x.element_size()
+        step = max(STEM_CHUNK_CHANNELS,
+                   self.chunk_bytes // channel_bytes // STEM_CHUNK_CHANNELS * STEM_CHUNK_CHANNELS)
+        return step if step < self.out_channels else None
 
     @staticmethod
     def _pool(x: torch.Tensor) -> torch.Tensor:

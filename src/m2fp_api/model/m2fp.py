@@ -51,11 +51,14 @@ class InferenceVariant:
     # (`layers.Linear`, `layers.MultiheadAttention`); False: ATen's addmm, as ModelScope
     # computes them (and what exporters know)
     onednn_linear: bool = False
-    # deformable-attention queries, feed-forward tokens, group-norm pixels and the stem's
-    # last convolution's output channels in bounded chunks (memory, not results); False
-    # for graphs made once for every input size, as the number of chunks would be frozen
-    # at one size's
+    # deformable-attention queries, feed-forward tokens and group-norm pixels in bounded
+    # chunks (memory, not results); False for graphs made once for every input size, as
+    # the number of chunks would be frozen at one size's
     chunked: bool = True
+    # the stem's last convolution and max-pool by pieces of output channels
+    # (`backbone.STEM_CHUNK_BYTES`; memory, not results); False for an exported graph, as
+    # `chunked`. Apart from it: compiled heads run unchunked, the eager stem need not
+    stem_in_pieces: bool = True
     # runs the heads instead of `sem_seg_head` when set: its compiled twin
     # (engine.compiled), which must compute the same thing
     heads: HeadRunner | None = None
@@ -120,7 +123,7 @@ class M2FP(nn.Module):
             elif isinstance(module, GroupNorm):
                 module.chunk = GROUP_NORM_CHUNK if variant.chunked else None
             elif isinstance(module, DeepLabStem):
-                module.chunk_bytes = STEM_CHUNK_BYTES if variant.chunked else None
+                module.chunk_bytes = STEM_CHUNK_BYTES if variant.stem_in_pieces else None
         self.sem_seg_head.predictor.resize_features_first = variant.level_masks
         if variant.channels_last != self.variant.channels_last:
             layout = torch.channels_last if variant.channels_last else torch.contiguous_format

@@ -30,7 +30,7 @@ NETWORK_WORKING_BYTES = 520 * MB
 # The same for the backend that runs the exported graph (deformable attention by
 # `grid_sample`, unchunked): ONNX Runtime's process peaked 0.59-0.67 GB over idle parsing
 # 1344 x 640 photos back to back (the largest network input, post-processing ~30 MB;
-# 0.49-0.50 GB with the heap trimmed before each), plus ~20 %
+# 0.49-0.50 GB with the heap trimmed before each), plus ~17 %
 EXPORTED_NETWORK_WORKING_BYTES = {"onnxruntime": 800 * MB}
 # Per photo pixel: the upload and the decoded photo (Pillow keeps RGB as 4 B), the class
 # map, the running best and the class canvas (10 B), one query's full-resolution
